@@ -1,0 +1,7 @@
+from hfprune.adapters.base import ModelAdapter
+
+
+class MistralAdapter(ModelAdapter):
+    family = "mistral"
+    model_types = ("mistral",)
+    description = "Mistral dense (MistralForCausalLM)"

@@ -1,0 +1,49 @@
+"""`hfprune <command>`: one module per command in hfprune/commands/, each with `add_arguments` and `run`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from hfprune.errors import HFPruneError
+
+# command name -> module in hfprune.commands (adding a command = one module + one line here)
+COMMANDS = {
+    "validate": "validate",
+    "assets": "assets",
+    "score": "score",
+    "plan": "plan",
+    "prune": "prune",
+    "recover": "recover",
+    "evaluate": "evaluate",
+    "report": "report",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hfprune", description=__doc__.split(":")[0] + ": structured pruning grid")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        mod = importlib.import_module(f"hfprune.commands.{module}")
+        p = sub.add_parser(name, help=mod.HELP, description=mod.__doc__)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args._run(args) or 0
+    except HFPruneError as exc:
+        print(f"hfprune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

