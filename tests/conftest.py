@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random models of every supported family, and the real embedded models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hfprune.models import ModelSpec, ensure_available, load_model
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+REPO_RESOURCES = "resources"  # embedded models are materialised once and shared by every test
+
+
+def tiny_config(family: str, **overrides):
+    """A 2-layer random config of `family` (GQA: 4 heads, 2 KV heads), small enough for exact checks."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[family]
+    kwargs = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=211, max_position_embeddings=128,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    # a wide init (default 0.02 gives near-uniform outputs) makes gradients and entropies non-trivial
+    overrides.setdefault("initializer_range", 0.2)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=dtype)
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded SmolLM2-135M (LLaMA architecture), fp32, eval mode."""
+    return load_model(ModelSpec("smollm2-135m", "llama", "smollm2-135m"), REPO_RESOURCES)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    return ensure_available(ModelSpec("smollm2-135m", "llama", "smollm2-135m"), REPO_RESOURCES)
+
+
+@pytest.fixture(scope="session")
+def qwen_dir():
+    return ensure_available(ModelSpec("qwen2.5-coder-0.5b", "qwen2", "qwen2.5-coder-0.5b"), REPO_RESOURCES)
