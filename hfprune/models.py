@@ -35,7 +35,12 @@ class ModelSpec:
             return "embedded"
         if self.source.startswith((".", "/", "~")) or Path(self.source).expanduser().exists():
             return "local"
-        return "hub"
+        if "/" in self.source:
+            return "hub"
+        raise HFPruneError(
+            f"model {self.name!r}: source {self.source!r} is not an embedded model "
+            f"({', '.join(sorted(EMBEDDED_MODELS))}), an existing local folder, or a hub id of the form "
+            "'org/name'; fix the model's `source` field")
 
 
 def model_dir(spec: ModelSpec, resources_dir: str | os.PathLike = "resources") -> Path | str:
