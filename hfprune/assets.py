@@ -8,6 +8,7 @@ folder that later jobs load in well under a second.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -113,15 +114,31 @@ def _verify(model: EmbeddedModel, sha: str, size: int, parts: list[Path]) -> Non
         )
 
 
+def _is_materialised(out: Path, model: EmbeddedModel) -> bool:
+    marker = out / ASSET_MARKER
+    return marker.is_file() and json.loads(marker.read_text()).get("sha256") == model.sha256
+
+
 def materialise(name: str, out_dir: str | os.PathLike) -> Path:
-    """Write embedded model `name` as a safetensors folder at `out_dir` (atomic; no-op if already there)."""
+    """Write embedded model `name` as a safetensors folder at `out_dir` (atomic; no-op if already there).
+
+    Concurrent callers (parallel jobs, test workers) serialise on a lock file beside the folder, so the
+    conversion runs once and nobody reads a folder while it is replaced.
+    """
     model = embedded_model(name)
     out = Path(out_dir)
-    marker = out / ASSET_MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("sha256") == model.sha256:
+    if _is_materialised(out, model):
         return out
     parts = _part_paths(model)
     out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _is_materialised(out, model):
+            _materialise_locked(model, parts, out)
+    return out
+
+
+def _materialise_locked(model: EmbeddedModel, parts: list[Path], out: Path) -> None:
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if len(parts) == 1:
@@ -141,7 +158,6 @@ def materialise(name: str, out_dir: str | os.PathLike) -> Path:
         folder.rename(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return out
 
 
 def _convert_gguf(gguf: Path, folder: Path) -> None:

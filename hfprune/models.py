@@ -1,7 +1,7 @@
 """Resolve a config model entry (name, family, source) to a loaded HF causal LM and its tokenizer.
 
 `source` is one of: an embedded packaged model (see hfprune.assets.EMBEDDED_MODELS), a local folder, or a
-hub id ("org/name"). Embedded models are materialised once under ``<resources>/models/<name>/``.
+hub id ("org/name"). Embedded models are materialised once under ``<resources>/models/<source>/``.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ class ModelSpec:
 
 def model_dir(spec: ModelSpec, resources_dir: str | os.PathLike = "resources") -> Path | str:
     """Where `from_pretrained` reads this model from (a folder, or a hub id)."""
-    if spec.kind == "embedded":
-        return Path(resources_dir) / "models" / spec.name
+    if spec.kind == "embedded":  # keyed by source: entries that share a packaged model share its folder
+        return Path(resources_dir) / "models" / spec.source
     if spec.kind == "local":
         path = Path(spec.source).expanduser()
         if not (path / "config.json").is_file():

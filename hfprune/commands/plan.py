@@ -1,0 +1,52 @@
+"""Turn a score file and a target ratio into a plan JSON (kept neuron indices per layer)."""
+
+import hashlib
+import json
+from pathlib import Path
+
+from hfprune.commands import add_config_argument, add_model_argument
+from hfprune.config import load_config, model_entry
+from hfprune.errors import HFPruneError
+
+HELP = "scores + ratio (fraction of all parameters removed) -> kept neurons per layer (plan JSON)"
+
+
+def add_arguments(parser):
+    add_config_argument(parser)
+    add_model_argument(parser)
+    parser.add_argument("--scores", required=True, help="score file written by `hfprune score`")
+    parser.add_argument("--ratio", required=True, type=float, help="fraction of ALL parameters to remove")
+    parser.add_argument("--out", required=True, help="output plan JSON")
+
+
+def run(args) -> int:
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from hfprune.models import ModelSpec, ensure_available
+    from hfprune.plan import make_plan
+    from hfprune.runtime import write_json
+
+    cfg = load_config(args.config)
+    spec = ModelSpec.from_config(model_entry(cfg, args.model))
+    scores_path = Path(args.scores)
+    if not scores_path.is_file():
+        raise HFPruneError(f"--scores {str(scores_path)!r} does not exist; run `hfprune score` first")
+    if not 0 < args.ratio < 1:
+        raise HFPruneError(f"--ratio {args.ratio} must be in (0, 1)")
+    with safe_open(str(scores_path), "pt") as f:
+        scores = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        header = json.loads((f.metadata() or {}).get("hfprune", "{}"))
+    if header.get("model") not in (None, spec.name):
+        raise HFPruneError(f"--scores {scores_path} were computed for model {header['model']!r}, not {spec.name!r}")
+    pruning = cfg["pruning"]
+    plan = make_plan(scores, AutoConfig.from_pretrained(ensure_available(spec, cfg["resources_dir"])), args.ratio,
+                     spec.family, allocation=pruning["allocation"], scope=pruning["scope"],
+                     min_keep_fraction=pruning["min_keep_fraction"], kv_fraction=pruning["attn_kv_group_fraction"],
+                     meta={"model": spec.name, "criterion": header.get("criterion")})
+    plan["scores_file"] = str(scores_path)
+    plan["scores_sha256"] = hashlib.sha256(scores_path.read_bytes()).hexdigest()
+    write_json(args.out, plan)
+    print(f"{args.out}: kept {sum(len(x['mlp_keep']) for x in plan['layers'])} neurons, "
+          f"achieved ratio {plan['achieved_ratio']:.4f}")
+    return 0

@@ -1,0 +1,35 @@
+"""Physically prune a model with a plan and save it as an HF folder (uniform plans load with plain HF)."""
+
+from hfprune.commands import add_config_argument, add_model_argument
+from hfprune.config import load_config, model_entry
+
+HELP = "apply a plan: slice the model's Linear layers and save the pruned checkpoint"
+
+
+def add_arguments(parser):
+    add_config_argument(parser)
+    add_model_argument(parser)
+    parser.add_argument("--plan", required=True, help="plan JSON written by `hfprune plan`")
+    parser.add_argument("--out", required=True, help="output folder")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from hfprune.errors import HFPruneError
+    from hfprune.models import ModelSpec, load_model
+    from hfprune.runtime import read_json
+    from hfprune.surgery import prune_model, save_pruned
+
+    cfg = load_config(args.config)
+    spec = ModelSpec.from_config(model_entry(cfg, args.model))
+    if not Path(args.plan).is_file():
+        raise HFPruneError(f"--plan {args.plan!r} does not exist; run `hfprune plan` first")
+    plan = read_json(args.plan)
+    if plan.get("model") not in (None, spec.name):
+        raise HFPruneError(f"--plan {args.plan} was made for model {plan['model']!r}, not {spec.name!r}")
+    model, tok = load_model(spec, cfg["resources_dir"], dtype=cfg["dtype"])
+    prune_model(model, plan)
+    save_pruned(model, tok, args.out)
+    print(f"{args.out}: {sum(p.numel() for p in model.parameters())} parameters")
+    return 0

@@ -1,0 +1,30 @@
+"""LoRA recovery fine-tuning of a pruned model: prune the config's model by a plan, train LoRA adapters with the
+config's `recovery` settings, merge them into the pruned weights and write OUT/ (an ordinary HF checkpoint with
+pruned shapes, loadable with hfprune.surgery.load_pruned) + OUT/recovery.json (loss per step, settings, data).
+The offline default data (`recovery.data: calibration`) is a smoke recovery; `lamini` is the paper's."""
+
+from hfprune.commands import add_config_argument, add_model_argument
+from hfprune.config import load_config
+from hfprune.recovery import run_recovery
+
+HELP = "LoRA recovery fine-tuning of a pruned model; saves the merged checkpoint + recovery.json"
+
+
+def add_arguments(parser):
+    add_config_argument(parser)
+    add_model_argument(parser)
+    parser.add_argument("--plan", required=True, help="plan JSON (from `hfprune plan`) to prune the model by")
+    parser.add_argument("--out", required=True, help="output folder (written atomically)")
+
+
+def run(args) -> int:
+    from hfprune import tracking
+
+    cfg = load_config(args.config)
+    with tracking.cell_run(cfg, args.model, "recover", args.plan, recovered=True) as mlflow_run:
+        summary = run_recovery(cfg, args.model, args.plan, args.out)
+        tracking.log_recovery(mlflow_run, summary, args.out)
+    losses = summary["loss_curve"]
+    print(f"{args.out}: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
+          f"{summary['seconds']:.1f} s")
+    return 0

@@ -1,0 +1,61 @@
+"""The criterion interface: how one neuron's importance is computed.
+
+Gradient criteria define a scalar output loss C per position (from fp32 logits of a chunk of positions); the
+scorer averages it over the valid positions of a batch, back-propagates to the down_proj inputs h and sums
+`token_scores(h * dC/dh)` over valid tokens. Gradient-free criteria implement `score_model` themselves.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from hfprune.errors import ConfigError
+
+
+class Criterion:
+    name: str = ""
+    requires_gradient: bool = False
+    requires_data: bool = True
+    # True: the loss reads dense-model ("teacher") logits, computed without the pre-prune mask
+    needs_teacher: bool = False
+    # option name -> default (the schema fills the same defaults; these cover direct API use)
+    defaults: ClassVar[dict] = {}
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            raise ConfigError(f"criterion_options.{self.name}: unknown option(s) {', '.join(unknown)}; "
+                              f"valid: {', '.join(self.defaults) or 'none'}")
+        self.options = {**self.defaults, **options}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+
+class GradientCriterion(Criterion):
+    requires_gradient = True
+
+    def position_loss(self, logits: torch.Tensor, labels: torch.Tensor,
+                      teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-position loss [B, c] from fp32 logits [B, c, V] and next-token labels [B, c] (-100 = none).
+
+        Invalid positions may hold any finite value: the scorer masks them out.
+        """
+        raise NotImplementedError
+
+    def token_scores(self, contribution: torch.Tensor) -> torch.Tensor:
+        """Per-token importance from the first-order contribution h * dC/dh (fp32); summed over tokens."""
+        return contribution.abs()
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position one-hot next-token cross-entropy (0 where the label is -100)."""
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """-sum_j p_j log p_j of softmax(logits) over the last dim."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)

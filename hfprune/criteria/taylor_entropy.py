@@ -1,0 +1,10 @@
+"""`taylor_entropy` (HFPrune): C = entropy of the model's own output distribution; no labels, no teacher."""
+
+from hfprune.criteria.base import GradientCriterion, entropy
+
+
+class TaylorEntropyCriterion(GradientCriterion):
+    name = "taylor_entropy"
+
+    def position_loss(self, logits, labels, teacher_logits=None):
+        return entropy(logits)

@@ -1,0 +1,164 @@
+"""One grid cell's evaluation: dense model, base model + plan (pruned in memory), or a recovered folder.
+
+Everything cheap is checked before any model is loaded: suite and task names (and metric overrides), text
+sources, the plan against the base model's config, the recovered folder against the plan. Then:
+load dense -> build the evaluated model (a pruned copy, or the recovered folder) -> fidelity and efficiency
+against the dense model (both in memory, timed alternately) -> free the dense model -> lm-eval -> perplexity.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from hfprune.config import model_entry
+from hfprune.data import load_texts
+from hfprune.errors import HFPruneError
+from hfprune.evaluation.efficiency import efficiency
+from hfprune.evaluation.fidelity import source_fidelity
+from hfprune.evaluation.perplexity import source_perplexity
+from hfprune.evaluation.runner import evaluate_tasks, select_tasks
+from hfprune.models import ModelSpec, ensure_available, load_model, resolve_dtype
+from hfprune.runtime import package_versions, resolve_device, seed_everything, write_json
+
+
+def _check_texts(sources) -> None:
+    for source in sources:
+        try:
+            load_texts(source)
+        except OSError as exc:  # hub sources: `datasets` raises ConnectionError when no hub is reachable
+            raise HFPruneError(f"text source {source!r} could not be loaded: {exc}") from None
+
+
+def read_plan(plan_path, model_name: str, base_config) -> dict:
+    """Read a plan JSON and check that it fits the base model (config only, weights are never read)."""
+    from transformers import AutoModelForCausalLM
+
+    from hfprune.adapters import get_adapter
+    from hfprune.surgery import _check_plan
+
+    path = Path(plan_path)
+    if not path.is_file():
+        raise HFPruneError(f"plan file {str(path)!r} does not exist")
+    try:
+        plan = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise HFPruneError(f"plan file {path}: not valid JSON: {exc}") from None
+    if not isinstance(plan, dict) or not isinstance(plan.get("layers"), list):
+        raise HFPruneError(f"plan file {path}: expected an object with a `layers` list (docs/CONTRACTS.md)")
+    if plan.get("model", model_name) != model_name:
+        raise HFPruneError(f"plan file {path} is for model {plan['model']!r}, not {model_name!r}")
+    with torch.device("meta"):  # shapes only: no memory, no weights
+        skeleton = AutoModelForCausalLM.from_config(base_config)
+    try:
+        _check_plan(get_adapter(skeleton), plan)
+    except HFPruneError as exc:
+        raise HFPruneError(f"plan file {path} does not fit model {model_name!r}: {exc}") from None
+    return plan
+
+
+def _check_recovered(recovered_dir, plan: dict) -> None:
+    from transformers import AutoConfig
+
+    path = Path(recovered_dir)
+    if not (path / "config.json").is_file():
+        raise HFPruneError(f"recovered model folder {str(path)!r} does not exist or has no config.json")
+    config = AutoConfig.from_pretrained(path)
+    sizes = getattr(config, "hfprune_intermediate_sizes", None) or [config.intermediate_size] * len(plan["layers"])
+    expected = [len(layer["mlp_keep"]) for layer in plan["layers"]]
+    if list(sizes) != expected:
+        raise HFPruneError(f"recovered model {path} has MLP sizes {sorted(set(sizes))}, its plan "
+                           f"{sorted(set(expected))}: the folder was not made from this plan")
+
+
+def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=None, out_path=None) -> dict:
+    """Evaluate one cell and write its metrics JSON atomically to `out_path` (if given); returns the dict.
+
+    plan_path None and recovered_dir None: the dense row. plan_path: base model pruned in memory by the plan.
+    recovered_dir (with plan_path, which names the cell): a merged model folder written by `save_pruned`.
+    """
+    from transformers import AutoConfig
+
+    from hfprune.surgery import load_pruned, prune_model
+    from hfprune.tasks import resolve_suite
+
+    ev = cfg["evaluation"]
+    spec = ModelSpec.from_config(model_entry(cfg, model_name))
+    if recovered_dir is not None and plan_path is None:
+        raise HFPruneError("a recovered model needs its plan (--plan): the plan names the cell and is checked "
+                           "against the folder")
+    # ---- cheap checks, before any model is loaded
+    specs = [] if ev["suite"] == "none" else resolve_suite(ev["suite"], ev["tasks"])
+    pruned = plan_path is not None
+    fid_cfg, eff_cfg, ppl_cfg = ev["fidelity"], ev["efficiency"], ev["perplexity"]
+    _check_texts(ppl_cfg["sources"] + ([fid_cfg["source"]] if pruned and fid_cfg["enabled"] else []))
+    base_config = AutoConfig.from_pretrained(ensure_available(spec, cfg["resources_dir"]))
+    plan = read_plan(plan_path, model_name, base_config) if pruned else None
+    if recovered_dir is not None:
+        _check_recovered(recovered_dir, plan)
+    selection = select_tasks(specs, ev["limit"], ev["subsample_seed"], ev["metrics"]) if specs else None
+
+    # ---- models
+    seed_everything(cfg["seed"])
+    device = resolve_device(cfg["device"])
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    dense, tokenizer = load_model(spec, cfg["resources_dir"], cfg["dtype"], cfg["device_map"])
+    if cfg["device_map"] is None:
+        dense.to(device)
+    if recovered_dir is not None:
+        model = load_pruned(recovered_dir, dtype=resolve_dtype(cfg["dtype"])).to(device)
+    elif pruned:
+        model = prune_model(copy.deepcopy(dense), plan)
+    else:
+        model = dense
+    seconds["load"] = time.perf_counter() - start
+
+    fidelity = None
+    if pruned and fid_cfg["enabled"]:
+        start = time.perf_counter()
+        fidelity = source_fidelity(dense, model, tokenizer, fid_cfg["source"], fid_cfg["num_prompts"],
+                                   fid_cfg["seq_len"], fid_cfg["top_k"], seed=cfg["seed"])
+        seconds["fidelity"] = time.perf_counter() - start
+    eff = None
+    if eff_cfg["enabled"]:
+        start = time.perf_counter()
+        eff = efficiency(dense, model if pruned else None, seed=cfg["seed"], **{k: v for k, v in eff_cfg.items()
+                                                                              if k != "enabled"})
+        seconds["efficiency"] = time.perf_counter() - start
+    if model is not dense:
+        del dense  # lm-eval and perplexity need the evaluated model only
+
+    tasks, lm_meta = {}, {}
+    if selection is not None:
+        start = time.perf_counter()
+        tasks, lm_meta, _ = evaluate_tasks(model, tokenizer, selection, ev["batch_size"])
+        seconds["lm_eval"] = time.perf_counter() - start
+    start = time.perf_counter()
+    perplexity = {s: source_perplexity(model, tokenizer, s, ppl_cfg["seq_len"], ppl_cfg["max_tokens"],
+                                       ev["batch_size"]) for s in ppl_cfg["sources"]}
+    seconds["perplexity"] = time.perf_counter() - start
+
+    values = [t["value"] for t in tasks.values() if t["value"] is not None]
+    result = {
+        "cell": {"model": model_name, "family": spec.family,
+                 "criterion": plan.get("criterion", "unknown") if pruned else "dense",
+                 "ratio": float(plan.get("ratio", 0.0)) if pruned else 0.0, "recovered": recovered_dir is not None},
+        "tasks": tasks,
+        "average": sum(values) / len(values) if values and len(values) == len(tasks) else None,
+        "perplexity": perplexity,
+        "fidelity": fidelity,
+        "efficiency": eff,
+        "meta": {**lm_meta, "suite": ev["suite"], "dtype": cfg["dtype"], "device": str(device),
+                 "plan": str(plan_path) if pruned else None,
+                 "achieved_ratio": plan.get("achieved_ratio") if pruned else 0.0,
+                 "recovered_dir": str(recovered_dir) if recovered_dir is not None else None,
+                 "seconds": seconds, "config": cfg, "versions": package_versions()},
+    }
+    if out_path is not None:
+        write_json(out_path, result)
+    return result

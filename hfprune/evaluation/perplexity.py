@@ -1,0 +1,47 @@
+"""Perplexity on held-out text: non-overlapping windows of a fixed length (stride = seq_len).
+
+ppl = exp(total NLL / total predicted tokens); every window predicts its tokens 2..seq_len, so a window of
+``seq_len`` tokens contributes ``seq_len - 1`` predictions. Log-probabilities are taken in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hfprune.data import contiguous_chunks, load_texts, texts_hash
+
+
+def input_device(model) -> torch.device:
+    """Where a model's inputs go (its embedding's device; also right for accelerate device maps)."""
+    return model.get_input_embeddings().weight.device
+
+
+@torch.no_grad()
+def window_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (fp32) of each row of `input_ids` [batch, seq_len] -> [batch]."""
+    ids = input_ids.to(input_device(model))
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:, None].to(logp.device)).squeeze(-1)
+    return nll.sum(dim=1).cpu()
+
+
+def perplexity(model, chunks: torch.Tensor, batch_size: int = 8) -> dict:
+    """Perplexity of `model` over the rows of `chunks` [n, seq_len] (each row scored independently)."""
+    total = 0.0
+    for start in range(0, chunks.shape[0], batch_size):
+        total += window_nll(model, chunks[start:start + batch_size]).double().sum().item()
+    tokens = chunks.shape[0] * (chunks.shape[1] - 1)
+    return {"ppl": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens,
+            "windows": chunks.shape[0], "seq_len": chunks.shape[1]}
+
+
+def source_perplexity(model, tokenizer, source: str, seq_len: int, max_tokens: int | None,
+                      batch_size: int = 8) -> dict:
+    """Perplexity on a named text source (hfprune.data.load_texts), first `max_tokens` of its stream."""
+    texts = load_texts(source)
+    out = perplexity(model, contiguous_chunks(tokenizer, texts, seq_len, max_tokens), batch_size)
+    out["texts_sha256"] = texts_hash(texts)
+    return out

@@ -1,0 +1,128 @@
+"""Zero-shot accuracy through lm-eval with an in-memory model (`HFLM(pretrained=<model object>)`).
+
+A `limit` draws a seeded random subset of each task's evaluation docs (never the first N: those are not
+representative, e.g. 17 of BoolQ's first 20 labels are "yes"). The subset goes to lm-eval's own
+`samples={task: [doc indices]}` argument, so prompts, batching and metrics stay lm-eval's. The indices are
+drawn per task from (seed, task name), so a task gets the same docs whatever suite it is part of.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+from hfprune.data import _bos
+from hfprune.errors import ConfigError
+
+
+def subsample(n_docs: int, limit: int | None, seed: int, task: str) -> list[int] | None:
+    """Sorted seeded random doc indices, or None for all docs. Sorted: lm-eval maps the i-th selected doc
+    (in dataset order) back to samples[i], which is only right for an increasing list."""
+    if limit is None or limit >= n_docs:
+        return None
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(task.encode()))
+    return sorted(torch.randperm(n_docs, generator=gen)[:limit].tolist())
+
+
+@dataclass
+class TaskSelection:
+    """Loaded lm-eval tasks with the metric reported for each and the docs to evaluate."""
+
+    tasks: dict  # task name -> lm_eval Task
+    metrics: dict[str, str]
+    columns: dict[str, str]
+    docs_total: dict[str, int]
+    samples: dict[str, list[int]] = field(default_factory=dict)
+    limit: int | None = None
+    seed: int = 0
+    task_manager: object = None
+
+
+@lru_cache(maxsize=2)
+def _task_manager(include_defaults: bool):
+    from hfprune.tasks import task_manager
+
+    return task_manager(include_defaults=include_defaults)
+
+
+def default_task_manager(names):
+    """A TaskManager for `names`, built once per process. Indexing lm-eval's thousands of stock task files
+    takes ~15 s on a small machine, so our offline folder alone is used when it has every task."""
+    local = _task_manager(False)
+    return local if set(names) <= set(local.all_tasks) else _task_manager(True)
+
+
+def select_tasks(specs, limit: int | None, seed: int, metric_overrides: dict | None = None,
+                 task_manager=None) -> TaskSelection:
+    """Load the tasks of a resolved suite (no model needed), check metric overrides, draw the subsets."""
+    overrides = dict(metric_overrides or {})
+    names = [s.task for s in specs]
+    unknown = sorted(set(overrides) - set(names) - {s.column for s in specs})
+    if unknown:
+        raise ConfigError(f"evaluation.metrics: task(s) {', '.join(unknown)} are not in the suite "
+                          f"({', '.join(names)})")
+    tm = task_manager or default_task_manager(names)
+    loaded = tm.load(names)["tasks"]
+    metrics, columns, docs_total, samples = {}, {}, {}, {}
+    for spec in specs:
+        task = loaded[spec.task]
+        metric = overrides.get(spec.task, overrides.get(spec.column, spec.metric))
+        available = sorted(task.aggregation())
+        if metric not in available:
+            raise ConfigError(f"evaluation.metrics: task {spec.task!r} has no metric {metric!r}; "
+                              f"it reports {', '.join(available)}")
+        metrics[spec.task], columns[spec.task] = metric, spec.column
+        docs_total[spec.task] = len(task.eval_docs)
+        idx = subsample(docs_total[spec.task], limit, seed, spec.task)
+        if idx is not None:
+            samples[spec.task] = idx
+    return TaskSelection(tasks=loaded, metrics=metrics, columns=columns, docs_total=docs_total,
+                         samples=samples, limit=limit, seed=seed, task_manager=tm)
+
+
+def _number(value) -> float | None:
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None  # lm-eval writes "N/A" where it has no stderr
+
+
+def _metric_value(task_results: dict, metric: str, suffix: str = "") -> object:
+    """lm-eval keys are "<metric>[_stderr],<filter>"; zero-shot log-likelihood tasks use filter "none"."""
+    for key, value in task_results.items():
+        name, _, _ = key.partition(",")
+        if name == metric + suffix:
+            return value
+    return None
+
+
+def evaluate_tasks(model, tokenizer, selection: TaskSelection, batch_size: int = 8,
+                   log_samples: bool = False) -> tuple[dict, dict, dict]:
+    """Run lm-eval on `model`; returns (tasks JSON, meta, lm-eval's raw results)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    # lm-eval's HFLM prepends BOS only if asked; follow the tokenizer (LLaMA-2: yes, as in the paper; Qwen and
+    # SmolLM2: no), the same as HFLM loading the folder by path with add_bos_token unset.
+    add_bos = bool(_bos(tokenizer))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos)
+    res = lm_eval.simple_evaluate(model=lm, tasks=list(selection.tasks.values()),
+                                  task_manager=selection.task_manager, samples=selection.samples or None,
+                                  log_samples=log_samples)
+    tasks = {}
+    for name, metric in selection.metrics.items():
+        row = res["results"][name]
+        tasks[name] = {"metric": metric, "value": _number(_metric_value(row, metric)),
+                       "stderr": _number(_metric_value(row, metric, "_stderr")),
+                       "n": int(res["n-samples"][name]["effective"]), "column": selection.columns[name]}
+    meta = {"lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
+            "task_versions": {n: res["versions"].get(n) for n in selection.metrics},
+            "docs_total": selection.docs_total,
+            "docs_evaluated": {n: t["n"] for n, t in tasks.items()},
+            "limit": selection.limit, "subsample_seed": selection.seed,
+            "subsample_indices": selection.samples, "add_bos_token": add_bos, "batch_size": batch_size,
+            "num_fewshot": 0}
+    return tasks, meta, res

@@ -1,0 +1,132 @@
+"""Scores + target ratio -> kept neuron indices per layer (a small JSON; see docs/CONTRACTS.md).
+
+`ratio` is the fraction of ALL model parameters removed (embeddings and lm_head included), as in the paper.
+With a uniform allocation every layer removes round(ratio * params / (layers * params_per_neuron)) neurons,
+which reproduces the paper's table from model configs alone. `global` allocation keeps the same total
+number of neurons but ranks layer-normalised scores across layers, with a per-layer floor. `scope: mlp+attn`
+also removes whole KV groups (a KV head, its query heads and their o_proj columns); their parameters count
+toward the ratio, so fewer MLP neurons are removed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hfprune.adapters import adapter_class
+from hfprune.errors import ConfigError
+
+
+def format_ratio(ratio: float) -> str:
+    """0.2 -> '0.2', 0.25 -> '0.25' (floating noise removed): the `r<ratio>` part of output paths."""
+    return f"{round(float(ratio), 6):g}"
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def params_per_kv_group(config, family: str) -> int:
+    """Parameters removed with one KV group: its q heads' q rows and o columns, its k and v rows (+ biases)."""
+    d, h = _head_dim(config), config.hidden_size
+    n_rep = config.num_attention_heads // config.num_key_value_heads
+    q = n_rep * d
+    per = 2 * q * h + 2 * d * h
+    # the adapter's bias arithmetic with q_out/kv_out of one group (o_proj's bias is not per group)
+    bias = adapter_class(family).attention_bias_params(config, q, d)
+    if bias:
+        bias -= h if getattr(config, "attention_bias", False) else 0
+    return per + bias
+
+
+def kv_groups_removed(config, kv_fraction: float) -> int:
+    return round(kv_fraction * config.num_key_value_heads)
+
+
+def neurons_to_keep(config, ratio: float, family: str, kv_fraction: float = 0.0) -> int:
+    """MLP neurons kept per layer so that `ratio` of all parameters is removed (uniform allocation)."""
+    cls = adapter_class(family)
+    total = cls.count_params(config)
+    n_layers = config.num_hidden_layers
+    attn_removed = n_layers * kv_groups_removed(config, kv_fraction) * params_per_kv_group(config, family)
+    removed = round((ratio * total - attn_removed) / (n_layers * cls.params_per_mlp_neuron(config)))
+    keep = config.intermediate_size - max(removed, 0)
+    if keep < 1:
+        raise ConfigError(f"ratios: {ratio} removes {removed} neurons per layer but layers only have "
+                          f"{config.intermediate_size}; choose a smaller ratio")
+    return keep
+
+
+def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
+    # stable tie-break by index (sort is stable on CPU), so equal scores give a reproducible plan
+    order = torch.sort(scores.float(), descending=True, stable=True).indices[:k]
+    return sorted(order.tolist())
+
+
+def make_plan(scores: dict[str, torch.Tensor], model_config, ratio: float, family: str,
+              allocation: str = "uniform", scope: str = "mlp", min_keep_fraction: float = 0.05,
+              kv_fraction: float = 0.0, meta: dict | None = None) -> dict:
+    """Kept indices per layer from score tensors `mlp.<i>` (and `attn_kv.<i>` for scope mlp+attn)."""
+    n_layers, size = model_config.num_hidden_layers, model_config.intermediate_size
+    cls = adapter_class(family)
+    layer_scores = []
+    for i in range(n_layers):
+        s = scores.get(f"mlp.{i}")
+        if s is None or s.numel() != size:
+            raise ConfigError(f"scores: missing or wrong-sized tensor 'mlp.{i}' (expected {size} values); "
+                              "were they computed for this model?")
+        layer_scores.append(s.float())
+    if scope == "mlp":
+        kv_fraction = 0.0
+    keep = neurons_to_keep(model_config, ratio, family, kv_fraction)
+    if allocation == "uniform":
+        mlp_keep = [_topk_sorted(s, keep) for s in layer_scores]
+    elif allocation == "global":
+        mlp_keep = _global_keep(layer_scores, keep * n_layers, max(1, math.ceil(min_keep_fraction * size)))
+    else:
+        raise ConfigError(f"pruning.allocation: unknown value {allocation!r}; choose uniform or global")
+    n_kv = model_config.num_key_value_heads
+    kv_remove = kv_groups_removed(model_config, kv_fraction)
+    if kv_remove >= n_kv:
+        raise ConfigError(f"pruning.attn_kv_group_fraction {kv_fraction} would remove all {n_kv} KV groups")
+    kv_keep: list = [None] * n_layers
+    if scope == "mlp+attn":
+        for i in range(n_layers):
+            s = scores.get(f"attn_kv.{i}")
+            if s is None or s.numel() != n_kv:
+                raise ConfigError(f"scores: missing tensor 'attn_kv.{i}' needed by pruning.scope mlp+attn; "
+                                  "score with scope mlp+attn")
+            kv_keep[i] = _topk_sorted(s, n_kv - kv_remove)
+    elif scope != "mlp":
+        raise ConfigError(f"pruning.scope: unknown value {scope!r}; choose mlp or mlp+attn")
+    dense = cls.count_params(model_config)
+    removed = sum(size - len(k) for k in mlp_keep) * cls.params_per_mlp_neuron(model_config)
+    removed += n_layers * kv_remove * params_per_kv_group(model_config, family)
+    return {**(meta or {}), "family": family, "ratio": ratio, "allocation": allocation, "scope": scope,
+            "params_dense": dense, "params_pruned": dense - removed, "achieved_ratio": removed / dense,
+            "intermediate_size_dense": size,
+            "layers": [{"mlp_keep": m, "kv_keep": k} for m, k in zip(mlp_keep, kv_keep)]}
+
+
+def _global_keep(layer_scores: list[torch.Tensor], budget: int, floor: int) -> list[list[int]]:
+    """Keep the `budget` neurons with the highest layer-normalised scores, at least `floor` per layer."""
+    # scores of different layers live on different scales; dividing by the layer mean makes them comparable
+    norm = [s / s.mean().clamp_min(torch.finfo(torch.float32).tiny) for s in layer_scores]
+    chosen = [set(_topk_sorted(s, floor)) for s in norm]
+    rest = budget - floor * len(norm)
+    if rest < 0:
+        raise ConfigError(f"ratios: the neuron budget {budget} is below the per-layer floor "
+                          f"(pruning.min_keep_fraction) x {len(norm)} layers; lower the ratio or the floor")
+    cand_scores, cand_ids = [], []
+    for layer, s in enumerate(norm):
+        mask = torch.ones_like(s, dtype=torch.bool)
+        mask[list(chosen[layer])] = False
+        idx = mask.nonzero().squeeze(1)
+        cand_scores.append(s[idx])
+        cand_ids.append(torch.stack([torch.full_like(idx, layer), idx], 1))
+    all_scores, all_ids = torch.cat(cand_scores), torch.cat(cand_ids)
+    top = torch.sort(all_scores, descending=True, stable=True).indices[:rest]
+    for layer, idx in all_ids[top].tolist():
+        chosen[layer].add(idx)
+    return [sorted(c) for c in chosen]

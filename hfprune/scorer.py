@@ -1,0 +1,402 @@
+"""Score every MLP neuron (and KV group) of a model with one or more criteria.
+
+Gradient criteria use activation gradients only: all parameters are frozen and the input embeddings are a
+leaf that requires grad, so autograd builds the graph but never computes or stores a parameter gradient.
+Per batch: one forward captures h (input of every down_proj) and the final hidden state H; dC/dH is computed
+chunk by chunk over positions (fp32 logits exist for one chunk only, which matters with a 152k vocabulary);
+then one backward per criterion from H, with dC/dH as grad_output, reaches every h. A tensor hook on each h
+turns its gradient into the score contribution right away (fp32), so per-layer gradients are freed as the
+backward proceeds. Several gradient criteria share the forward (the graph is retained between them).
+
+Positions: a position counts when it holds a real token AND has a real next token (so the last position and
+padding are excluded for every criterion, labelled or not). C is the mean over the counted positions of the
+batch; the neuron score is the sum over counted tokens of token_scores(h_i * dC/dh_i).
+
+`taylor_kd` runs as SDMPrune does: CE scores (shared with a requested `taylor_ce`) -> a uniform pre-prune at
+`preprune_ratio` -> the student (dense weights + 0/1 neuron mask) is scored against the unmasked dense
+model's outputs, computed in a separate no-grad forward: no teacher copy is held in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from hfprune.adapters import get_adapter
+from hfprune.criteria import CRITERIA, Criterion, GradientCriterion, get_criterion
+from hfprune.errors import ConfigError, HFPruneError, ScoreError
+
+log = logging.getLogger(__name__)
+
+
+# --- positions ---------------------------------------------------------------------------------------------
+def counted_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Bool [B, T]: a real token whose next position is also a real token."""
+    mask = attention_mask.bool()
+    nxt = torch.zeros_like(mask)
+    nxt[:, :-1] = mask[:, 1:]
+    return mask & nxt
+
+
+def next_token_labels(input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    labels = torch.full_like(input_ids, -100)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels.masked_fill(~valid, -100)
+
+
+def _as_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, dict):
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+    else:
+        ids, mask = batch, None
+    return ids, (torch.ones_like(ids) if mask is None else mask)
+
+
+# --- gradient-free criteria --------------------------------------------------------------------------------
+def _group_sum(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[..., groups * n] -> [..., groups]: sum over the features of each KV group."""
+    return x.reshape(*x.shape[:-1], groups, -1).sum(-1)
+
+
+def _random_scores(adapter, seed: int, attn: bool) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(adapter.num_layers):
+        out[f"mlp.{i}"] = torch.rand(adapter.mlp(i).down.in_features, generator=gen)
+        if attn:
+            out[f"attn_kv.{i}"] = torch.rand(adapter.attention(i).num_kv_heads, generator=gen)
+    return out
+
+
+def _o_proj_group_norm2(a) -> torch.Tensor:
+    """Squared norm of each KV group's q rows, k/v rows and o columns."""
+    q = _group_sum(a.q.weight.float().square().sum(1), a.num_kv_heads)
+    k = _group_sum(a.k.weight.float().square().sum(1), a.num_kv_heads)
+    v = _group_sum(a.v.weight.float().square().sum(1), a.num_kv_heads)
+    o = _group_sum(a.o.weight.float().square().sum(0), a.num_kv_heads)
+    return q + k + v + o
+
+
+@torch.no_grad()
+def _magnitude_scores(adapter, attn: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for i in range(adapter.num_layers):
+        m = adapter.mlp(i)
+        norm2 = (m.gate.weight.float().square().sum(1) + m.up.weight.float().square().sum(1)
+                 + m.down.weight.float().square().sum(0))
+        out[f"mlp.{i}"] = norm2.sqrt().cpu()
+        if attn:
+            out[f"attn_kv.{i}"] = _o_proj_group_norm2(adapter.attention(i)).sqrt().cpu()
+    return out
+
+
+class _Capture:
+    """Forward pre-hooks that keep the input of every down_proj (and o_proj) while `active`."""
+
+    def __init__(self, adapter, attn: bool):
+        self.active = False
+        self.h: list = [None] * adapter.num_layers
+        self.o: list = [None] * adapter.num_layers
+        self.handles = []
+        for i in range(adapter.num_layers):
+            self.handles.append(adapter.mlp(i).down.register_forward_pre_hook(self._hook(self.h, i)))
+            if attn:
+                self.handles.append(adapter.attention(i).o.register_forward_pre_hook(self._hook(self.o, i)))
+
+    def _hook(self, store, i):
+        def pre_hook(module, args):
+            if self.active:  # not during gradient-checkpointing recomputation
+                store[i] = args[0]
+        return pre_hook
+
+    def clear(self):
+        for store in (self.h, self.o):  # in place: the hooks close over these lists
+            store[:] = [None] * len(store)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _decoder_forward(model, adapter, ids, mask, grad: bool):
+    """Final hidden state H of the decoder body; with `grad`, from an embeddings leaf that requires grad."""
+    embed = adapter.embed_tokens()
+    with torch.set_grad_enabled(grad):
+        embeds = embed(ids.to(embed.weight.device)).detach()
+        if grad:
+            embeds.requires_grad_(True)
+        out = model.model(inputs_embeds=embeds, attention_mask=mask.to(embeds.device), use_cache=False)
+    return out[0]
+
+
+@torch.no_grad()
+def _activation_scores(model, adapter, batches, attn: bool, progress: bool) -> tuple[dict, int]:
+    n_layers = adapter.num_layers
+    sums: dict[str, torch.Tensor] = {}
+    capture = _Capture(adapter, attn)
+    tokens = 0
+    try:
+        for ids, mask in _progress(batches, progress, "activation"):
+            valid = counted_positions(mask)
+            tokens += int(valid.sum())
+            capture.active = True
+            _decoder_forward(model, adapter, ids, mask, grad=False)
+            capture.active = False
+            for i in range(n_layers):
+                pairs = [(f"mlp.{i}", capture.h[i])] + ([(f"attn_kv.{i}", capture.o[i])] if attn else [])
+                for key, x in pairs:
+                    v = valid.to(x.device).unsqueeze(-1)
+                    s = (x.float().abs() * v).sum((0, 1))
+                    sums[key] = s if key not in sums else sums[key] + s
+            capture.clear()
+    finally:
+        capture.remove()
+    out = {}
+    for i in range(n_layers):
+        m = adapter.mlp(i)
+        out[f"mlp.{i}"] = (sums[f"mlp.{i}"] / max(tokens, 1) * m.down.weight.float().norm(dim=0)).cpu()
+        if attn:
+            a = adapter.attention(i)
+            per_feature = sums[f"attn_kv.{i}"] / max(tokens, 1) * a.o.weight.float().norm(dim=0)
+            out[f"attn_kv.{i}"] = _group_sum(per_feature, a.num_kv_heads).cpu()
+    return out, tokens
+
+
+# --- gradient criteria -------------------------------------------------------------------------------------
+def _progress(batches, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm([_as_batch(b) for b in batches], desc=f"scoring {desc}", disable=not enabled, leave=False)
+
+
+def _output_gradients(model, H, criteria, labels, valid, teacher_H, chunk: int) -> list[torch.Tensor]:
+    """dC/dH per criterion, computed over chunks of positions so that fp32 logits never exist in full."""
+    lm_head = model.get_output_embeddings()
+    dev = lm_head.weight.device
+    Hd = H.detach()
+    grads = [torch.zeros_like(Hd) for _ in criteria]
+    n = valid.sum().clamp_min(1).to(dev)
+    labels, valid = labels.to(dev), valid.to(dev)
+    for s in range(0, Hd.shape[1], chunk):
+        e = min(s + chunk, Hd.shape[1])
+        v = valid[:, s:e]
+        if not v.any():
+            continue
+        hc = Hd[:, s:e].to(dev).requires_grad_(True)
+        with torch.enable_grad():
+            logits = lm_head(hc).float()
+            teacher = None
+            if teacher_H is not None:
+                with torch.no_grad():
+                    teacher = lm_head(teacher_H[:, s:e].to(dev)).float()
+            for k, crit in enumerate(criteria):
+                loss = crit.position_loss(logits, labels[:, s:e], teacher)
+                loss = torch.where(v, loss, 0.0).sum() / n
+                (g,) = torch.autograd.grad(loss, hc, retain_graph=k + 1 < len(criteria))
+                grads[k][:, s:e] = g.to(Hd.device)
+    return grads
+
+
+def _gradient_scores(model, adapter, batches, criteria: list[GradientCriterion], attn: bool, chunk: int,
+                     progress: bool, mask_plan: dict | None = None) -> tuple[dict, int]:
+    """One shared forward per batch, one backward per criterion (see the module docstring)."""
+    from hfprune.surgery import neuron_mask
+
+    needs_teacher = any(c.needs_teacher for c in criteria)
+    if needs_teacher and mask_plan is None:
+        log.warning("teacher-based criterion scored without a pre-prune mask: its KL gradient is zero")
+    acc: list[dict[str, torch.Tensor]] = [{} for _ in criteria]
+    state = {"k": 0, "batch": 0, "valid": None}
+    tokens = 0
+
+    def accumulate(key: str, store: list, i: int, groups: int | None):
+        def hook(g):
+            crit = criteria[state["k"]]
+            x = store[i]
+            if state["k"] + 1 == len(criteria):
+                store[i] = None  # last use: free h while the backward goes on
+            contrib = x.float() * g.float()
+            if groups is not None:
+                contrib = _group_sum(contrib, groups)
+            v = state["valid"].to(contrib.device).unsqueeze(-1)
+            s = (crit.token_scores(contrib) * v).sum((0, 1))
+            if not torch.isfinite(s).all():
+                raise ScoreError(f"criterion {crit.name!r}: non-finite score in {key} (layer "
+                                 f"{key.split('.')[1]}) at batch {state['batch']}; try dtype float32")
+            total = acc[state["k"]]
+            total[key] = s if key not in total else total[key] + s
+        return hook
+
+    capture = _Capture(adapter, attn)
+    names = "+".join(c.name for c in criteria)
+    try:
+        for b, (ids, mask) in enumerate(_progress(batches, progress, names)):
+            state["batch"], state["valid"] = b, counted_positions(mask)
+            labels = next_token_labels(ids, state["valid"])
+            tokens += int(state["valid"].sum())
+            teacher_H = None
+            if needs_teacher:  # the dense model, without the student's pre-prune mask
+                teacher_H = _decoder_forward(model, adapter, ids, mask, grad=False)
+            with neuron_mask(model, mask_plan) if mask_plan else contextlib.nullcontext():
+                capture.active = True
+                H = _decoder_forward(model, adapter, ids, mask, grad=True)
+                capture.active = False
+            for i in range(adapter.num_layers):
+                capture.h[i].register_hook(accumulate(f"mlp.{i}", capture.h, i, None))
+                if attn:
+                    groups = adapter.attention(i).num_kv_heads
+                    capture.o[i].register_hook(accumulate(f"attn_kv.{i}", capture.o, i, groups))
+            grads = _output_gradients(model, H, criteria, labels, state["valid"], teacher_H, chunk)
+            # the earliest captured tensor: a backward that reaches it passes every other one
+            first = capture.o[0] if attn else capture.h[0]
+            for k in range(len(criteria)):
+                state["k"] = k
+                last = k + 1 == len(criteria)
+                torch.autograd.grad(H, first, grad_outputs=grads[k], retain_graph=not last)
+                grads[k] = None
+            del H, grads, first
+            capture.clear()
+    finally:
+        capture.remove()
+    return [{k: v.cpu() for k, v in a.items()} for a in acc], tokens
+
+
+# --- entry points ------------------------------------------------------------------------------------------
+def score_model(model, batches, criteria: list[Criterion | str], *, scope: str = "mlp", seed: int = 0,
+                logits_chunk: int = 256, gradient_checkpointing: bool = False,
+                progress: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """{criterion name: {"mlp.<i>": [intermediate] fp32, ("attn_kv.<i>": [num_kv_heads])}}.
+
+    `batches`: LongTensors [B, T] or dicts with input_ids and attention_mask. Gradient criteria requested
+    together share one forward per batch (`taylor_kd` needs its own, masked, student forward).
+    """
+    return _score(model, batches, criteria, scope=scope, seed=seed, logits_chunk=logits_chunk,
+                  gradient_checkpointing=gradient_checkpointing, progress=progress)[0]
+
+
+def _score(model, batches, criteria, *, scope, seed, logits_chunk, gradient_checkpointing, progress):
+    from hfprune.plan import make_plan
+
+    crits = [get_criterion(c) if isinstance(c, str) else c for c in criteria]
+    adapter = get_adapter(model)
+    attn = scope == "mlp+attn"
+    batches = list(batches)
+    out: dict[str, dict] = {}
+    tokens = 0
+    was_training = model.training
+    saved_flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():  # no parameter gradient is ever computed
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        # HF checkpoints layers only in training mode; these families have no active dropout at p=0
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    try:
+        for c in crits:
+            if c.name == "random":
+                out[c.name] = _random_scores(adapter, seed, attn)
+            elif c.name == "magnitude":
+                out[c.name] = _magnitude_scores(adapter, attn)
+            elif c.name == "activation":
+                out[c.name], tokens = _activation_scores(model, adapter, batches, attn, progress)
+        grad = [c for c in crits if c.requires_gradient and not c.needs_teacher]
+        kd = [c for c in crits if c.needs_teacher]
+        ce = next((c for c in grad if c.name == "taylor_ce"), None)
+        if kd and ce is None:  # the pre-prune needs CE scores: compute them in the shared forward
+            ce = CRITERIA["taylor_ce"]()
+            grad.append(ce)
+        if grad:
+            results, tokens = _gradient_scores(model, adapter, batches, grad, attn, logits_chunk, progress)
+            out.update({c.name: r for c, r in zip(grad, results) if c in crits})
+            ce_scores = results[grad.index(ce)] if kd else None
+        for c in kd:
+            family = adapter.family
+            try:
+                pre = make_plan(ce_scores, model.config, float(c.options["preprune_ratio"]), family)
+            except ConfigError as exc:
+                raise ConfigError(f"criterion_options.taylor_kd.preprune_ratio: {exc}") from None
+            (out[c.name],), tokens = _gradient_scores(model, adapter, batches, [c], attn, logits_chunk,
+                                                      progress, mask_plan=pre)
+    finally:
+        for p, flag in zip(model.parameters(), saved_flags):
+            p.requires_grad_(flag)
+        if gradient_checkpointing:
+            model.activation_checkpointing_disable()
+        model.train(was_training)
+    return out, tokens
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def calibration_batches(tokens: torch.Tensor, batch_size: int) -> list[dict]:
+    return [{"input_ids": tokens[s:s + batch_size], "attention_mask": torch.ones_like(tokens[s:s + batch_size])}
+            for s in range(0, len(tokens), batch_size)]
+
+
+def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path) -> dict:
+    """Score one model x criterion from a validated config; write `<out>.safetensors` + `<out>.json`.
+
+    Returns the summary (seconds, peak_memory_mb, tokens, ...), which is also the sidecar's `run` entry.
+    The safetensors header holds no timestamp, so the same seed gives a byte-identical file.
+    """
+    from safetensors.torch import save_file
+
+    from hfprune.config import criterion_options, model_entry
+    from hfprune.data import load_texts, sample_windows
+    from hfprune.models import ModelSpec, load_model
+    from hfprune.runtime import atomic_path, package_versions, resolve_device, seed_everything, write_json
+
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise HFPruneError(f"--out {str(out_path)!r} must end in .safetensors")
+    crit = get_criterion(criterion, criterion_options(cfg, criterion))
+    spec = ModelSpec.from_config(model_entry(cfg, model_name))
+    seed_everything(cfg["seed"])
+    device = resolve_device(cfg["device"])
+    model, tok = load_model(spec, cfg["resources_dir"], dtype=cfg["dtype"], device_map=cfg["device_map"])
+    if cfg["device_map"] is None:
+        model.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    cal = cfg["calibration"]
+    tokens = torch.empty(0, dtype=torch.long)
+    if crit.requires_data:
+        tokens = sample_windows(tok, load_texts(cal["source"]), cal["num_sequences"], cal["seq_len"], cal["seed"])
+    token_hash = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+    scope = cfg["pruning"]["scope"]
+    start = time.perf_counter()
+    scores, n_tokens = _score(model, calibration_batches(tokens, cal["batch_size"]), [crit], scope=scope,
+                              seed=cfg["seed"], logits_chunk=cfg["scoring"]["logits_chunk"],
+                              gradient_checkpointing=cfg["scoring"]["gradient_checkpointing"], progress=True)
+    seconds = time.perf_counter() - start
+    summary = {"seconds": round(seconds, 3), "peak_memory_mb": round(_peak_memory_mb(device), 1),
+               "tokens": n_tokens, "device": str(device), "dtype": cfg["dtype"]}
+    header = {"model": spec.name, "family": spec.family, "criterion": criterion, "scope": scope,
+              "calibration_sha256": token_hash, "seed": cfg["seed"]}
+    sidecar = {"model": spec.name, "family": spec.family, "source": spec.source, "criterion": criterion,
+               "criterion_options": crit.options, "scope": scope,
+               "calibration": {**({k: cal[k] for k in ("source", "num_sequences", "seq_len", "seed", "batch_size")}
+                                  if crit.requires_data else {}), "tokens": n_tokens, "sha256": token_hash},
+               "seed": cfg["seed"], "dtype": cfg["dtype"], "device": str(device), "seconds": summary["seconds"],
+               "peak_memory_mb": summary["peak_memory_mb"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "versions": package_versions()}
+    with atomic_path(out_path) as tmp:
+        # one metadata key: safetensors writes a multi-key header in hash order, which breaks byte-identity
+        save_file({k: v.float().contiguous() for k, v in scores[criterion].items()}, str(tmp),
+                  metadata={"hfprune": json.dumps(header, sort_keys=True)})
+        write_json(out_path.with_suffix(".json"), sidecar)
+    log.info("scored %s / %s: %d tokens in %.1f s, peak %.0f MiB", spec.name, criterion, n_tokens, seconds,
+             summary["peak_memory_mb"])
+    return summary

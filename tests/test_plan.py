@@ -1,0 +1,95 @@
+"""Ratio -> neurons from configs alone (the paper's table), uniform/global/mlp+attn plans."""
+
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+from hfprune.adapters import adapter_class
+from hfprune.errors import ConfigError
+from hfprune.plan import format_ratio, make_plan, neurons_to_keep, params_per_kv_group
+
+# shared/reference/README.md, "Pruning ratio -> neurons kept per layer", with the models' published sizes
+# (family, config class, hidden, intermediate, layers, heads, kv heads, head_dim, vocab, tied, expected)
+PAPER_TABLE = [
+    ("llama", LlamaConfig, 4096, 11008, 32, 32, 32, 128, 32000, False, (7581, 5867, 4153)),  # LLaMA-2-7B
+    ("llama", LlamaConfig, 2048, 8192, 16, 32, 8, 64, 128256, True, (5678, 4421, 3163)),  # LLaMA-3.2-1B
+    ("llama", LlamaConfig, 4096, 14336, 32, 32, 8, 128, 128256, False, (10252, 8209, 6167)),  # LLaMA-3.1-8B
+    ("qwen2", Qwen2Config, 3584, 18944, 28, 28, 4, 128, 152064, False, (13885, 11355, 8825)),  # Qwen2.5-7B
+    ("qwen2", Qwen2Config, 1536, 8960, 28, 12, 2, 128, 151936, True, (6567, 5371, 4174)),  # Qwen2.5-1.5B
+    ("qwen3", Qwen3Config, 2048, 6144, 28, 16, 8, 128, 151936, True, (4144, 3144, 2143)),  # Qwen3-1.7B
+]
+
+
+def _config(cls, hidden, inter, layers, heads, kv, head_dim, vocab, tied):
+    return cls(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+               num_key_value_heads=kv, head_dim=head_dim, vocab_size=vocab, tie_word_embeddings=tied)
+
+
+@pytest.mark.parametrize("row", PAPER_TABLE, ids=lambda r: f"{r[0]}-{r[2]}-{r[3]}")
+def test_neurons_to_keep_reproduces_the_paper_table(row):
+    family, cls, *sizes, expected = row
+    config = _config(cls, *sizes)
+    assert tuple(neurons_to_keep(config, r, family) for r in (0.2, 0.3, 0.4)) == expected
+
+
+def test_llama2_7b_parameter_count():
+    config = _config(*PAPER_TABLE[0][1:-1])
+    assert adapter_class("llama").count_params(config) == 6_738_415_616
+
+
+def test_too_large_ratio_names_ratios():
+    with pytest.raises(ConfigError, match="ratios: 0.99"):
+        neurons_to_keep(tiny_config("llama"), 0.99, "llama")
+
+
+def test_format_ratio():
+    assert [format_ratio(r) for r in (0.2, 0.1 + 0.2, 0.25, 0.5)] == ["0.2", "0.3", "0.25", "0.5"]
+
+
+def _scores(config, seed=0, attn=False):
+    g = torch.Generator().manual_seed(seed)
+    out = {f"mlp.{i}": torch.rand(config.intermediate_size, generator=g) * (10 ** i)
+           for i in range(config.num_hidden_layers)}
+    if attn:
+        out.update({f"attn_kv.{i}": torch.rand(config.num_key_value_heads, generator=g)
+                    for i in range(config.num_hidden_layers)})
+    return out
+
+
+def test_uniform_plan_keeps_top_scores_and_reports_params(family):
+    config = tiny_config(family)
+    scores = _scores(config)
+    plan = make_plan(scores, config, 0.2, family)
+    keep = neurons_to_keep(config, 0.2, family)
+    for i, layer in enumerate(plan["layers"]):
+        assert layer["mlp_keep"] == sorted(scores[f"mlp.{i}"].topk(keep).indices.tolist())
+        assert layer["kv_keep"] is None
+    per = adapter_class(family).params_per_mlp_neuron(config)
+    assert plan["params_dense"] - plan["params_pruned"] == 2 * (96 - keep) * per
+    assert abs(plan["achieved_ratio"] - 0.2) < per / plan["params_dense"]
+
+
+def test_global_plan_same_budget_with_floor():
+    config = tiny_config("llama")
+    scores = _scores(config)  # layer 1 scores are 10x larger: normalisation must undo that
+    plan = make_plan(scores, config, 0.3, "llama", allocation="global", min_keep_fraction=0.25)
+    kept = [len(layer["mlp_keep"]) for layer in plan["layers"]]
+    assert sum(kept) == 2 * neurons_to_keep(config, 0.3, "llama")
+    assert min(kept) >= 24
+    scores["mlp.0"][:40] = 100.0  # layer 0 now holds many clearly important neurons
+    plan = make_plan(scores, config, 0.3, "llama", allocation="global", min_keep_fraction=0.05)
+    assert set(range(40)) <= set(plan["layers"][0]["mlp_keep"])
+    assert len(plan["layers"][0]["mlp_keep"]) != len(plan["layers"][1]["mlp_keep"])
+
+
+def test_mlp_attn_plan_counts_kv_groups_toward_the_ratio(family):
+    config = tiny_config(family)
+    plan = make_plan(_scores(config, attn=True), config, 0.3, family, scope="mlp+attn", kv_fraction=0.5)
+    assert all(len(layer["kv_keep"]) == 1 for layer in plan["layers"])
+    assert len(plan["layers"][0]["mlp_keep"]) > neurons_to_keep(config, 0.3, family)
+    removed = plan["params_dense"] - plan["params_pruned"]
+    mlp_removed = 2 * (96 - len(plan["layers"][0]["mlp_keep"])) * adapter_class(family).params_per_mlp_neuron(config)
+    assert removed - mlp_removed == 2 * params_per_kv_group(config, family)
+    with pytest.raises(ConfigError, match="attn_kv"):
+        make_plan(_scores(config), config, 0.3, family, scope="mlp+attn", kv_fraction=0.5)
