@@ -15,7 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -50,7 +50,7 @@ def _doc_text(doc: dict, field: str) -> str:
     return doc[field]
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_texts(source: str) -> tuple[str, ...]:
     """Unique documents of a text source, in file order (deterministic)."""
     if source in HUB_TEXTS:
@@ -99,7 +99,7 @@ def texts_hash(texts) -> str:
     return digest.hexdigest()
 
 
-def _bos(tokenizer) -> list[int]:
+def bos_prefix(tokenizer) -> list[int]:
     # LLaMA tokenizers prepend BOS by default, Qwen's have none; follow the tokenizer, as lm-eval does.
     probe = tokenizer("a")["input_ids"]
     bos = tokenizer.bos_token_id
@@ -123,7 +123,7 @@ def sample_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int
     A BOS token is put first where the tokenizer adds one, so a window looks like an ordinary input.
     Returns a LongTensor [num_sequences, seq_len].
     """
-    bos = _bos(tokenizer)
+    bos = bos_prefix(tokenizer)
     body = seq_len - len(bos)
     stream = token_stream(tokenizer, texts)
     if body <= 0 or len(stream) < body:

@@ -35,12 +35,11 @@ from hfprune.models import ModelSpec, load_model
 from hfprune.runtime import (
     atomic_path,
     package_versions,
-    read_json,
     resolve_device,
     seed_everything,
     write_json,
 )
-from hfprune.surgery import prune_model, save_pruned
+from hfprune.surgery import prune_model, read_plan, save_pruned
 
 log = logging.getLogger(__name__)
 
@@ -241,21 +240,6 @@ def merge_lora(peft_model) -> nn.Module:
 
 
 # --- the stage -------------------------------------------------------------------------------------------------
-def read_plan(plan_path: str | os.PathLike, model_name: str) -> dict:
-    path = Path(plan_path)
-    if not path.is_file():
-        raise HFPruneError(f"plan file {str(path)!r} does not exist; run `hfprune plan` first")
-    try:
-        plan = read_json(path)
-    except ValueError as exc:
-        raise HFPruneError(f"plan file {path} is not valid JSON: {exc}") from None
-    if not isinstance(plan, dict) or not isinstance(plan.get("layers"), list):
-        raise HFPruneError(f"plan file {path} has no `layers` list; is it a plan?")
-    if plan.get("model", model_name) != model_name:
-        raise HFPruneError(f"plan file {path} was made for model {plan['model']!r}, not {model_name!r}")
-    return plan
-
-
 def run_recovery(cfg: dict, model_name: str, plan_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     """Prune `model_name` by the plan, LoRA-train, merge, and save the merged checkpoint + recovery.json.
 

@@ -34,7 +34,8 @@ def _kv_indices(kv_keep, head_dim: int) -> torch.Tensor:
     return torch.tensor([g * head_dim + d for g in kv_keep for d in range(head_dim)], dtype=torch.long)
 
 
-def _check_plan(adapter, plan: dict) -> None:
+def check_plan(adapter, plan: dict) -> None:
+    """The plan's layer count and indices fit the model behind `adapter` (shapes only)."""
     layers = plan["layers"]
     if len(layers) != adapter.num_layers:
         raise HFPruneError(f"plan has {len(layers)} layers, the model {adapter.num_layers}; "
@@ -49,11 +50,39 @@ def _check_plan(adapter, plan: dict) -> None:
             raise HFPruneError(f"plan layers[{i}].kv_keep is empty or out of range")
 
 
+def read_plan(plan_path: str | os.PathLike, model_name: str, base_config=None) -> dict:
+    """Read a plan JSON made for `model_name`; with `base_config`, also check that it fits that model's shapes
+    (on a weightless meta-device skeleton, so this runs before any weight is read)."""
+    import json
+
+    path = Path(plan_path)
+    if not path.is_file():
+        raise HFPruneError(f"plan file {str(path)!r} does not exist; run `hfprune plan` first")
+    try:
+        plan = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise HFPruneError(f"plan file {path}: not valid JSON: {exc}") from None
+    if not isinstance(plan, dict) or not isinstance(plan.get("layers"), list):
+        raise HFPruneError(f"plan file {path}: expected an object with a `layers` list (docs/CONTRACTS.md)")
+    if plan.get("model", model_name) != model_name:
+        raise HFPruneError(f"plan file {path} is for model {plan['model']!r}, not {model_name!r}")
+    if base_config is not None:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(base_config)
+        try:
+            check_plan(get_adapter(skeleton), plan)
+        except HFPruneError as exc:
+            raise HFPruneError(f"plan file {path} does not fit model {model_name!r}: {exc}") from None
+    return plan
+
+
 @contextlib.contextmanager
 def neuron_mask(model, plan: dict):
     """Within the block, removed neurons (and KV groups) output zero: forward pre-hooks on down_proj/o_proj."""
     adapter = get_adapter(model)
-    _check_plan(adapter, plan)
+    check_plan(adapter, plan)
     handles = []
 
     def hook_for(mask: torch.Tensor):
@@ -97,7 +126,7 @@ def _slice_linear(linear: nn.Linear, out_idx=None, in_idx=None) -> None:
 def prune_model(model, plan: dict):
     """Physically remove the plan's dropped neurons (and KV groups) in place; returns the model."""
     adapter = get_adapter(model)
-    _check_plan(adapter, plan)
+    check_plan(adapter, plan)
     config = model.config
     sizes, kv_heads = [], []
     for i, entry in enumerate(plan["layers"]):

@@ -14,10 +14,10 @@ from hfprune.errors import HFPruneError, UnsupportedModelError
 from hfprune.models import ModelSpec, load_model
 
 EXPECTED = {  # from ../shared/OFFLINE_ASSETS.md
-    "smollm2-135m": dict(cls="LlamaForCausalLM", hidden=576, inter=1536, layers=30, heads=9, kv=3,
-                         vocab=49152, params=134_515_008),
-    "qwen2.5-coder-0.5b": dict(cls="Qwen2ForCausalLM", hidden=896, inter=4864, layers=24, heads=14, kv=2,
-                               vocab=151936, params=630_167_424),
+    "smollm2-135m": {"cls": "LlamaForCausalLM", "hidden": 576, "inter": 1536, "layers": 30, "heads": 9, "kv": 3,
+                         "vocab": 49152, "params": 134_515_008},
+    "qwen2.5-coder-0.5b": {"cls": "Qwen2ForCausalLM", "hidden": 896, "inter": 4864, "layers": 24, "heads": 14, "kv": 2,
+                               "vocab": 151936, "params": 630_167_424},
 }
 
 

@@ -224,7 +224,7 @@ def test_bad_plan_fails_before_training_and_writes_nothing(local_model, tmp_path
     assert "plan has 3 layers" in capsys.readouterr().err
     (tmp_path / "cfg.yaml").unlink()
     plan.write_text(json.dumps({**random_plan(96, KEEPS), "model": "other"}))
-    with pytest.raises(HFPruneError, match="made for model 'other'"):
+    with pytest.raises(HFPruneError, match="is for model 'other', not 'm'"):
         run_recovery(cfg, "m", plan, out)
     with pytest.raises(HFPruneError, match="does not exist"):
         run_recovery(cfg, "m", tmp_path / "missing.json", out)

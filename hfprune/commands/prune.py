@@ -14,20 +14,12 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from hfprune.errors import HFPruneError
     from hfprune.models import ModelSpec, load_model
-    from hfprune.runtime import read_json
-    from hfprune.surgery import prune_model, save_pruned
+    from hfprune.surgery import prune_model, read_plan, save_pruned
 
     cfg = load_config(args.config)
     spec = ModelSpec.from_config(model_entry(cfg, args.model))
-    if not Path(args.plan).is_file():
-        raise HFPruneError(f"--plan {args.plan!r} does not exist; run `hfprune plan` first")
-    plan = read_json(args.plan)
-    if plan.get("model") not in (None, spec.name):
-        raise HFPruneError(f"--plan {args.plan} was made for model {plan['model']!r}, not {spec.name!r}")
+    plan = read_plan(args.plan, spec.name)
     model, tok = load_model(spec, cfg["resources_dir"], dtype=cfg["dtype"])
     prune_model(model, plan)
     save_pruned(model, tok, args.out)

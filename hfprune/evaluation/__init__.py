@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 import re
 
-from hfprune.evaluation.cell import read_plan, run_evaluation
+from hfprune.evaluation.cell import run_evaluation
 
-__all__ = ["flatten_metrics", "mlflow_name", "read_plan", "run_evaluation"]
+__all__ = ["flatten_metrics", "mlflow_name", "run_evaluation"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
 

@@ -9,11 +9,8 @@ against the dense model (both in memory, timed alternately) -> free the dense mo
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
-
-import torch
 
 from hfprune.config import model_entry
 from hfprune.data import load_texts
@@ -32,33 +29,6 @@ def _check_texts(sources) -> None:
             load_texts(source)
         except OSError as exc:  # hub sources: `datasets` raises ConnectionError when no hub is reachable
             raise HFPruneError(f"text source {source!r} could not be loaded: {exc}") from None
-
-
-def read_plan(plan_path, model_name: str, base_config) -> dict:
-    """Read a plan JSON and check that it fits the base model (config only, weights are never read)."""
-    from transformers import AutoModelForCausalLM
-
-    from hfprune.adapters import get_adapter
-    from hfprune.surgery import _check_plan
-
-    path = Path(plan_path)
-    if not path.is_file():
-        raise HFPruneError(f"plan file {str(path)!r} does not exist")
-    try:
-        plan = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise HFPruneError(f"plan file {path}: not valid JSON: {exc}") from None
-    if not isinstance(plan, dict) or not isinstance(plan.get("layers"), list):
-        raise HFPruneError(f"plan file {path}: expected an object with a `layers` list (docs/CONTRACTS.md)")
-    if plan.get("model", model_name) != model_name:
-        raise HFPruneError(f"plan file {path} is for model {plan['model']!r}, not {model_name!r}")
-    with torch.device("meta"):  # shapes only: no memory, no weights
-        skeleton = AutoModelForCausalLM.from_config(base_config)
-    try:
-        _check_plan(get_adapter(skeleton), plan)
-    except HFPruneError as exc:
-        raise HFPruneError(f"plan file {path} does not fit model {model_name!r}: {exc}") from None
-    return plan
 
 
 def _check_recovered(recovered_dir, plan: dict) -> None:
@@ -83,7 +53,7 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
     """
     from transformers import AutoConfig
 
-    from hfprune.surgery import load_pruned, prune_model
+    from hfprune.surgery import load_pruned, prune_model, read_plan
     from hfprune.tasks import resolve_suite
 
     ev = cfg["evaluation"]

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import torch
 
-from hfprune.data import _bos
+from hfprune.data import bos_prefix
 from hfprune.errors import ConfigError
 
 
@@ -107,7 +107,7 @@ def evaluate_tasks(model, tokenizer, selection: TaskSelection, batch_size: int =
 
     # lm-eval's HFLM prepends BOS only if asked; follow the tokenizer (LLaMA-2: yes, as in the paper; Qwen and
     # SmolLM2: no), the same as HFLM loading the folder by path with add_bos_token unset.
-    add_bos = bool(_bos(tokenizer))
+    add_bos = bool(bos_prefix(tokenizer))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos)
     res = lm_eval.simple_evaluate(model=lm, tasks=list(selection.tasks.values()),
                                   task_manager=selection.task_manager, samples=selection.samples or None,
