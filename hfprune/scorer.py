@@ -30,7 +30,15 @@ from pathlib import Path
 import torch
 
 from hfprune.adapters import get_adapter
-from hfprune.criteria import CRITERIA, Criterion, GradientCriterion, get_criterion
+from hfprune.criteria import (
+    CRITERIA,
+    ActivationCriterion,
+    Criterion,
+    GradientCriterion,
+    WeightCriterion,
+    get_criterion,
+)
+from hfprune.criteria.base import group_sum
 from hfprune.errors import ConfigError, HFPruneError, ScoreError
 
 log = logging.getLogger(__name__)
@@ -60,44 +68,7 @@ def _as_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, (torch.ones_like(ids) if mask is None else mask)
 
 
-# --- gradient-free criteria --------------------------------------------------------------------------------
-def _group_sum(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[..., groups * n] -> [..., groups]: sum over the features of each KV group."""
-    return x.reshape(*x.shape[:-1], groups, -1).sum(-1)
-
-
-def _random_scores(adapter, seed: int, attn: bool) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for i in range(adapter.num_layers):
-        out[f"mlp.{i}"] = torch.rand(adapter.mlp(i).down.in_features, generator=gen)
-        if attn:
-            out[f"attn_kv.{i}"] = torch.rand(adapter.attention(i).num_kv_heads, generator=gen)
-    return out
-
-
-def _o_proj_group_norm2(a) -> torch.Tensor:
-    """Squared norm of each KV group's q rows, k/v rows and o columns."""
-    q = _group_sum(a.q.weight.float().square().sum(1), a.num_kv_heads)
-    k = _group_sum(a.k.weight.float().square().sum(1), a.num_kv_heads)
-    v = _group_sum(a.v.weight.float().square().sum(1), a.num_kv_heads)
-    o = _group_sum(a.o.weight.float().square().sum(0), a.num_kv_heads)
-    return q + k + v + o
-
-
-@torch.no_grad()
-def _magnitude_scores(adapter, attn: bool) -> dict[str, torch.Tensor]:
-    out = {}
-    for i in range(adapter.num_layers):
-        m = adapter.mlp(i)
-        norm2 = (m.gate.weight.float().square().sum(1) + m.up.weight.float().square().sum(1)
-                 + m.down.weight.float().square().sum(0))
-        out[f"mlp.{i}"] = norm2.sqrt().cpu()
-        if attn:
-            out[f"attn_kv.{i}"] = _o_proj_group_norm2(adapter.attention(i)).sqrt().cpu()
-    return out
-
-
+# --- forward capture -------------------------------------------------------------------------------------
 class _Capture:
     """Forward pre-hooks that keep the input of every down_proj (and o_proj) while `active`."""
 
@@ -138,8 +109,8 @@ def _decoder_forward(model, adapter, ids, mask, grad: bool):
 
 
 @torch.no_grad()
-def _activation_scores(model, adapter, batches, attn: bool, progress: bool) -> tuple[dict, int]:
-    n_layers = adapter.num_layers
+def _mean_abs_inputs(model, adapter, batches, attn: bool, progress: bool) -> tuple[dict, int]:
+    """Mean |input| of every down_proj (and o_proj) over the counted calibration tokens (fp32)."""
     sums: dict[str, torch.Tensor] = {}
     capture = _Capture(adapter, attn)
     tokens = 0
@@ -150,24 +121,15 @@ def _activation_scores(model, adapter, batches, attn: bool, progress: bool) -> t
             capture.active = True
             _decoder_forward(model, adapter, ids, mask, grad=False)
             capture.active = False
-            for i in range(n_layers):
+            for i in range(adapter.num_layers):
                 pairs = [(f"mlp.{i}", capture.h[i])] + ([(f"attn_kv.{i}", capture.o[i])] if attn else [])
                 for key, x in pairs:
-                    v = valid.to(x.device).unsqueeze(-1)
-                    s = (x.float().abs() * v).sum((0, 1))
+                    s = (x.float().abs() * valid.to(x.device).unsqueeze(-1)).sum((0, 1))
                     sums[key] = s if key not in sums else sums[key] + s
             capture.clear()
     finally:
         capture.remove()
-    out = {}
-    for i in range(n_layers):
-        m = adapter.mlp(i)
-        out[f"mlp.{i}"] = (sums[f"mlp.{i}"] / max(tokens, 1) * m.down.weight.float().norm(dim=0)).cpu()
-        if attn:
-            a = adapter.attention(i)
-            per_feature = sums[f"attn_kv.{i}"] / max(tokens, 1) * a.o.weight.float().norm(dim=0)
-            out[f"attn_kv.{i}"] = _group_sum(per_feature, a.num_kv_heads).cpu()
-    return out, tokens
+    return {k: v / max(tokens, 1) for k, v in sums.items()}, tokens
 
 
 # --- gradient criteria -------------------------------------------------------------------------------------
@@ -225,7 +187,7 @@ def _gradient_scores(model, adapter, batches, criteria: list[GradientCriterion],
                 store[i] = None  # last use: free h while the backward goes on
             contrib = x.float() * g.float()
             if groups is not None:
-                contrib = _group_sum(contrib, groups)
+                contrib = group_sum(contrib, groups)
             v = state["valid"].to(contrib.device).unsqueeze(-1)
             s = (crit.token_scores(contrib) * v).sum((0, 1))
             if not torch.isfinite(s).all():
@@ -301,12 +263,12 @@ def _score(model, batches, criteria, *, scope, seed, logits_chunk, gradient_chec
         model.train()
     try:
         for c in crits:
-            if c.name == "random":
-                out[c.name] = _random_scores(adapter, seed, attn)
-            elif c.name == "magnitude":
-                out[c.name] = _magnitude_scores(adapter, attn)
-            elif c.name == "activation":
-                out[c.name], tokens = _activation_scores(model, adapter, batches, attn, progress)
+            if isinstance(c, WeightCriterion):
+                out[c.name] = c.weight_scores(adapter, seed, attn)
+        act = [c for c in crits if isinstance(c, ActivationCriterion)]
+        if act:  # one forward pass serves every activation criterion
+            mean_abs, tokens = _mean_abs_inputs(model, adapter, batches, attn, progress)
+            out.update({c.name: c.activation_scores(adapter, mean_abs, attn) for c in act})
         grad = [c for c in crits if c.requires_gradient and not c.needs_teacher]
         kd = [c for c in crits if c.needs_teacher]
         ce = next((c for c in grad if c.name == "taylor_ce"), None)

@@ -5,8 +5,8 @@ The names equal the `criteria` enum of hfprune/schemas/config.schema.yaml (a tes
 
 from __future__ import annotations
 
-from hfprune.criteria.activation import ActivationCriterion
-from hfprune.criteria.base import Criterion, GradientCriterion
+from hfprune.criteria.activation import ActivationNormCriterion
+from hfprune.criteria.base import ActivationCriterion, Criterion, GradientCriterion, WeightCriterion
 from hfprune.criteria.fisher import FisherCriterion
 from hfprune.criteria.magnitude import MagnitudeCriterion
 from hfprune.criteria.random import RandomCriterion
@@ -17,10 +17,10 @@ from hfprune.criteria.taylor_kd import TaylorKDCriterion
 from hfprune.errors import ConfigError
 
 CRITERIA: dict[str, type[Criterion]] = {cls.name: cls for cls in (
-    RandomCriterion, MagnitudeCriterion, ActivationCriterion, TaylorCECriterion, TaylorEntropyCriterion,
+    RandomCriterion, MagnitudeCriterion, ActivationNormCriterion, TaylorCECriterion, TaylorEntropyCriterion,
     TaylorEntropyTopKCriterion, TaylorKDCriterion, FisherCriterion)}
 
-__all__ = ["CRITERIA", "Criterion", "GradientCriterion", "get_criterion"]
+__all__ = ["CRITERIA", "ActivationCriterion", "Criterion", "GradientCriterion", "WeightCriterion", "get_criterion"]
 
 
 def get_criterion(name: str, options: dict | None = None) -> Criterion:

@@ -1,8 +1,13 @@
 """The criterion interface: how one neuron's importance is computed.
 
-Gradient criteria define a scalar output loss C per position (from fp32 logits of a chunk of positions); the
-scorer averages it over the valid positions of a batch, back-propagates to the down_proj inputs h and sums
-`token_scores(h * dC/dh)` over valid tokens. Gradient-free criteria implement `score_model` themselves.
+Three kinds, by what the scorer must run for them:
+- `WeightCriterion` (no data): `weight_scores(adapter, seed, attn)` reads the weights;
+- `ActivationCriterion` (a no-grad forward): `activation_scores(adapter, mean_abs, attn)` turns the mean |input|
+  of every down_proj (and o_proj) over the calibration tokens into scores;
+- `GradientCriterion`: a scalar output loss C per position (from fp32 logits of a chunk of positions); the
+  scorer averages it over the valid positions of a batch, back-propagates to the down_proj inputs h and sums
+  `token_scores(h * dC/dh)` over valid tokens.
+All scores are fp32 tensors keyed "mlp.<layer>" (one per neuron) and "attn_kv.<layer>" (one per KV group).
 """
 
 from __future__ import annotations
@@ -32,6 +37,24 @@ class Criterion:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
+
+
+def group_sum(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[..., groups * n] -> [..., groups]: sum over the features of each KV group."""
+    return x.reshape(*x.shape[:-1], groups, -1).sum(-1)
+
+
+class WeightCriterion(Criterion):
+    requires_data = False
+
+    def weight_scores(self, adapter, seed: int, attn: bool) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class ActivationCriterion(Criterion):
+    def activation_scores(self, adapter, mean_abs: dict[str, torch.Tensor], attn: bool) -> dict[str, torch.Tensor]:
+        """`mean_abs`: "mlp.<i>" -> mean |h| per down_proj input feature; "attn_kv.<i>" -> per o_proj input."""
+        raise NotImplementedError
 
 
 class GradientCriterion(Criterion):
