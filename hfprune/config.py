@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from hfprune.errors import ConfigError
+from hfprune.errors import ConfigError, HFPruneError
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
 
@@ -58,6 +58,14 @@ def validate_config(config: dict, source: str = "config") -> dict:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"{source}: invalid config field 'models': duplicate model name(s) {', '.join(dupes)}")
+    ev = cfg["evaluation"]
+    if ev["suite"] != "none":  # a task typo fails here, not in the first evaluate job after hours of scoring
+        from hfprune.tasks import resolve_suite
+
+        try:
+            resolve_suite(ev["suite"], ev["tasks"])
+        except HFPruneError as exc:
+            raise ConfigError(f"{source}: invalid config field 'evaluation.tasks': {exc}") from None
     return cfg
 
 

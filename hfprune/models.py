@@ -26,7 +26,7 @@ class ModelSpec:
     source: str
 
     @classmethod
-    def from_config(cls, entry: dict) -> "ModelSpec":
+    def from_config(cls, entry: dict) -> ModelSpec:
         return cls(name=entry["name"], family=entry["family"], source=entry["source"])
 
     @property

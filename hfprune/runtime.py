@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from hfprune.errors import HFPruneError
+
 VERSIONED_PACKAGES = ("hfprune", "torch", "transformers", "accelerate", "lm_eval", "datasets", "peft",
                       "safetensors", "snakemake", "mlflow", "pandas", "numpy")
 
@@ -54,8 +56,11 @@ def atomic_path(path: str | os.PathLike):
     Works for files and folders, so a killed or failing job never leaves an output that looks complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:  # e.g. a parent that is a file, a read-only mount, no space left
+        raise HFPruneError(f"cannot write {str(path)!r}: {exc.strerror} ({exc.filename})") from None
     tmp = tmp_dir / path.name
     try:
         yield tmp

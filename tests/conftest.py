@@ -52,3 +52,15 @@ def smollm2_dir():
 @pytest.fixture(scope="session")
 def qwen_dir():
     return ensure_available(ModelSpec("qwen2.5-coder-0.5b", "qwen2", "qwen2.5-coder-0.5b"), REPO_RESOURCES)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_dir):
+    """A tiny random LLaMA with SmolLM2's real tokenizer as a local model folder: real CLI runs in seconds."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    tiny_model("llama", vocab_size=49152, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+               pad_token_id=2).save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(path)
+    return path

@@ -37,6 +37,10 @@ def run(args) -> int:
     with safe_open(str(scores_path), "pt") as f:
         scores = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
         header = json.loads((f.metadata() or {}).get("hfprune", "{}"))
+    # topk ranks NaN above every number: a NaN neuron would be kept silently
+    bad = [k for k, v in scores.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise HFPruneError(f"--scores {str(scores_path)!r} holds NaN/inf in {', '.join(bad)}; rescore it")
     if header.get("model") not in (None, spec.name):
         raise HFPruneError(f"--scores {scores_path} were computed for model {header['model']!r}, not {spec.name!r}")
     pruning = cfg["pruning"]

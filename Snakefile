@@ -1,0 +1,35 @@
+"""hfprune experiment grid: models x criteria x ratios -> score -> plan -> (recovery) -> evaluate -> report.
+
+Run from the repository root: `make run`, or
+    snakemake --cores all --resources gpu=N --configfile CONFIG --workflow-profile profiles/local
+(docs/WORKFLOW.md has the SLURM and MLflow commands). Every job is one `hfprune <command>` call
+(docs/CONTRACTS.md: paths and file formats between stages).
+"""
+
+from hfprune.config import validate_config
+
+
+# --configfile replaces the default instead of being merged into it (Snakemake's `configfile:` would merge
+# them key by key, so a paper run could silently inherit the CPU grid's settings).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/default.yaml"
+
+
+# Schema validation (defaults filled in) before any job is scheduled: a bad field stops the run here, named.
+config.update(validate_config(config, source=", ".join(map(str, workflow.overwrite_configfiles)) or "config"))
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/assets.smk"
+include: "workflow/rules/score.smk"
+include: "workflow/rules/prune.smk"
+include: "workflow/rules/recover.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        REPORT,

@@ -1,0 +1,169 @@
+"""MLflow tracking on a temporary SQLite store, read back through MlflowClient."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from hfprune import tracking
+from hfprune.config import validate_config
+from hfprune.plan import make_plan
+from hfprune.scorer import score_model
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory):
+    """An empty store with MLflow's schema in place: the migration takes seconds, so tests copy it."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    tracking.Store(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def store_dir(tmp_path, migrated_db):
+    shutil.copy(migrated_db, tmp_path / "mlflow.db")
+    return tmp_path
+
+
+def _cfg(tmp_path, enabled: bool = True) -> dict:
+    return validate_config({
+        "experiment": "trk", "results_dir": str(tmp_path / "results"),
+        "models": [{"name": "tiny", "family": "llama", "source": str(tmp_path / "tiny")},
+                   {"name": "other", "family": "qwen2", "source": str(tmp_path / "other")}],
+        "criteria": ["magnitude"], "ratios": [0.2],
+        "tracking": {"enabled": enabled, "uri": f"sqlite:///{tmp_path}/mlflow.db"},
+    })
+
+
+def _client(cfg):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking.tracking_uri(cfg))
+
+
+def _runs(client, cfg):
+    exp = client.get_experiment_by_name(cfg["experiment"])
+    return client.search_runs([exp.experiment_id], max_results=100)
+
+
+@pytest.fixture(autouse=True)
+def _no_env_uri(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def test_parent_and_child_runs_with_params_metrics_and_artifacts(store_dir):
+    tmp_path = store_dir
+    cfg = _cfg(tmp_path)
+    model = tiny_model("llama")
+    scores = score_model(model, [], ["magnitude"])["magnitude"]
+    plan = make_plan(scores, model.config, 0.2, "llama", meta={"model": "tiny", "criterion": "magnitude"})
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps(plan))
+    metrics = {"cell": {"model": "tiny", "family": "llama", "criterion": "magnitude", "ratio": 0.2,
+                        "recovered": False},
+               "tasks": {"offline_boolq": {"metric": "acc", "value": 0.6, "stderr": 0.05, "n": 100,
+                                           "column": "boolq"}},
+               "average": 0.6, "perplexity": {"wiki": {"ppl": 31.5, "tokens": 4096, "seq_len": 256}},
+               "fidelity": {"js_distance": 0.21, "topk_jaccard": 0.5, "kl": 0.3, "k": 15, "prompts": 8},
+               "efficiency": None, "meta": {}}
+
+    with tracking.stage_run(cfg, model="tiny", stage="evaluate") as dense_run:
+        dense_run.log_metrics({"average": 0.7, "skipped": None, "nan": float("nan")})
+    with tracking.stage_run(cfg, model="tiny", stage="evaluate", criterion="magnitude", ratio=0.2) as run:
+        # the run is visible as RUNNING while the job works
+        assert _client(cfg).get_run(run.run_id).info.status == "RUNNING"
+        tracking.log_plan(run, plan, plan_file)
+        tracking.log_cell_metrics(run, metrics)
+    with tracking.stage_run(cfg, model="other", stage="score", criterion="magnitude"):
+        pass
+
+    client = _client(cfg)
+    runs = _runs(client, cfg)
+    parents = {r.data.tags["hfprune.model"]: r for r in runs if r.data.tags.get("hfprune.role") == "parent"}
+    children = [r for r in runs if r.data.tags.get("hfprune.role") == "job"]
+    assert sorted(parents) == ["other", "tiny"] and len(children) == 3
+    for child in children:
+        parent = parents[child.data.tags["hfprune.model"]]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+    assert all(p.info.status == "FINISHED" for p in parents.values())
+
+    cell = client.get_run(run.run_id)
+    kept = [len(layer["mlp_keep"]) for layer in plan["layers"]]
+    assert cell.info.run_name == "evaluate: magnitude r0.2"
+    p = cell.data.params
+    assert (p["model"], p["family"], p["criterion"], p["ratio"], p["allocation"]) == (
+        "tiny", "llama", "magnitude", "0.2", "uniform")
+    assert int(p["neurons_kept"]) == sum(kept) and json.loads(p["neurons_kept_per_layer"]) == kept
+    assert p["versions.torch"] == torch.__version__ and p["calibration.num_sequences"] == "16"
+    m = cell.data.metrics
+    assert m["task/offline_boolq/acc"] == pytest.approx(0.6) and m["ppl/wiki"] == pytest.approx(31.5)
+    assert m["fidelity/js_distance"] == pytest.approx(0.21)
+    assert m["params_pruned"] == plan["params_pruned"] and m["achieved_ratio"] == pytest.approx(plan["achieved_ratio"])
+    artifacts = {a.path for a in client.list_artifacts(run.run_id, "plan")} | {
+        a.path for a in client.list_artifacts(run.run_id, "plots")}
+    assert artifacts == {"plan/plan.json", "plots/neurons_kept.png"}
+    dense = client.get_run(dense_run.run_id)
+    assert dense.info.run_name == "evaluate: dense" and set(dense.data.metrics) == {"average"}
+    # artifacts live next to the database, not in ./mlruns of whatever folder a job runs in
+    assert (tmp_path / "mlartifacts" / "trk").is_dir()
+
+
+def test_a_failing_job_marks_its_run_failed(store_dir):
+    tmp_path = store_dir
+    cfg = _cfg(tmp_path)
+    with (pytest.raises(ValueError, match="boom"),
+          tracking.stage_run(cfg, model="tiny", stage="score", criterion="magnitude") as run):
+        raise ValueError("boom")
+    assert _client(cfg).get_run(run.run_id).info.status == "FAILED"
+
+
+def test_disabled_tracking_is_a_no_op(tmp_path):
+    cfg = _cfg(tmp_path, enabled=False)
+    with tracking.stage_run(cfg, model="tiny", stage="score", criterion="magnitude") as run:
+        run.log_params({"a": 1})
+        run.log_metrics({"b": 2.0})
+        run.log_artifact(__file__)
+        assert not run.enabled
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_uri_resolution(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cfg["tracking"]["uri"] = "sqlite:///results/mlflow.db"
+    assert tracking.tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve()}/results/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert tracking.tracking_uri(cfg) == "http://tracking.example:5000"
+
+
+JOB = """
+import json, sys
+from hfprune import tracking
+cfg = json.loads(open(sys.argv[1]).read())
+with tracking.stage_run(cfg, model="tiny", stage="evaluate", criterion="magnitude", ratio=float(sys.argv[2])) as r:
+    r.log_metrics({"average": float(sys.argv[2])})
+"""
+
+
+def test_concurrent_jobs_share_one_parent_run(store_dir):
+    """Jobs starting together: one experiment, one parent run, every child linked to it."""
+    tmp_path = store_dir
+    cfg = _cfg(tmp_path)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    procs = [subprocess.Popen([sys.executable, "-c", JOB, str(tmp_path / "cfg.json"), str(r)])
+             for r in (0.1, 0.2, 0.3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    runs = _runs(_client(cfg), cfg)
+    parents = [r for r in runs if r.data.tags.get("hfprune.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("hfprune.role") == "job"]
+    assert len(parents) == 1 and len(children) == 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.data.metrics["average"] for c in children) == [0.1, 0.2, 0.3]
+    assert parents[0].info.status == "FINISHED"

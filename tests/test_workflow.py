@@ -1,0 +1,192 @@
+"""The Snakemake workflow: DAG shape of the shipped configs (dry runs), config validation before any job,
+and (marked `workflow`) a real run of config/smoke.yaml end to end, then a second run that does nothing."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
+
+
+def _snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *args], capture_output=True, text=True,
+                          env=env, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _dag(workdir: Path, config: Path, *overrides: str) -> tuple[dict[int, str], dict[int, set[int]]]:
+    """(job id -> rule, job id -> ids of the jobs it depends on) from `snakemake --dag`."""
+    dot = _snakemake(workdir, "--dag", "--configfile", str(config), "--config", *overrides).stdout
+    rules = {int(i): r for i, r in re.findall(r"^\s*(\d+)\[label = \"([a-z_]+)", dot, re.MULTILINE)}
+    parents = defaultdict(set)
+    for src, dst in re.findall(r"^\s*(\d+) -> (\d+)", dot, re.MULTILINE):
+        parents[int(dst)].add(int(src))
+    return rules, parents
+
+
+def _parents_by_rule(rules, parents, job) -> Counter:
+    return Counter(rules[p] for p in parents[job])
+
+
+def _check_shape(rules, parents, n_models: int, n_criteria: int, n_ratios: int, recovery: bool, assets: int):
+    count = Counter(rules.values())
+    cells = n_models * n_criteria * n_ratios
+    assert count["score"] == n_models * n_criteria  # once per model x criterion, not per ratio
+    assert count["plan"] == count["evaluate_pruned"] == cells
+    assert count["evaluate_dense"] == n_models
+    assert count["recover"] == count["evaluate_recovered"] == (cells if recovery else 0)
+    assert count["assets"] == assets and count["report"] == count["all"] == 1
+    children = defaultdict(list)
+    for job, ps in parents.items():
+        for p in ps:
+            children[p].append(rules[job])
+    for job, rule in rules.items():
+        got = _parents_by_rule(rules, parents, job)
+        got.pop("assets", None)
+        if rule == "score":
+            assert got == Counter() and Counter(children[job])["plan"] == n_ratios  # every ratio reuses it
+        elif rule == "plan":
+            assert got == Counter(score=1)
+        elif rule in ("recover", "evaluate_pruned"):
+            assert got == Counter(plan=1)  # a recovered cell depends on its plan only
+        elif rule == "evaluate_recovered":
+            assert got == Counter(plan=1, recover=1)
+        elif rule == "evaluate_dense":
+            assert got == Counter()
+        elif rule == "report":
+            evaluations = sum(count[r] for r in ("evaluate_dense", "evaluate_pruned", "evaluate_recovered"))
+            assert got["evaluate_dense"] + got["evaluate_pruned"] + got["evaluate_recovered"] == evaluations
+
+
+def test_default_grid_dag(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config/default.yaml").read_text())
+    # an empty resources folder: both embedded models need their one assets job
+    rules, parents = _dag(tmp_path, ROOT / "config/default.yaml", f"resources_dir={tmp_path / 'res'}")
+    _check_shape(rules, parents, len(cfg["models"]), len(cfg["criteria"]), len(cfg["ratios"]), recovery=False,
+                 assets=2)
+    assert len(cfg["models"]) == 2 and len(cfg["criteria"]) >= 5 and len(cfg["ratios"]) >= 2
+
+
+@pytest.mark.parametrize("recovery", [True, False])
+def test_paper_grid_dag(tmp_path, recovery):
+    cfg = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
+    cfg["recovery"]["enabled"] = recovery
+    path = tmp_path / "paper.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rules, parents = _dag(tmp_path, path)
+    _check_shape(rules, parents, 7, 3, 3, recovery=recovery, assets=0)  # hub models: no assets job
+
+
+def test_gpu_jobs_ask_for_a_gpu_and_run_under_a_slot(tmp_path):
+    out = _snakemake(tmp_path, "-n", "-p", "--configfile", str(ROOT / "config/paper.yaml")).stdout
+    blocks = out.split("\nrule ")
+    score = next(b for b in blocks if b.startswith("score:"))
+    assert re.search(r"resources: .*gpu=1", score) and "-m hfprune.gpu -- " in score
+    plan = next(b for b in blocks if b.startswith("plan:"))
+    assert "gpu=" not in plan and "hfprune.gpu" not in plan
+    # the CPU grid asks for no GPU at all
+    out = _snakemake(tmp_path, "-n", "-p", "--configfile", str(ROOT / "config/smoke.yaml")).stdout
+    assert "gpu=1" not in out and "hfprune.gpu" not in out
+
+
+BAD = {
+    "unknown criterion": ({"criteria": ["magnitude", "taylor_foo"]}, "criteria[1]"),
+    "ratio of 1": ({"ratios": [0.2, 1.0]}, "ratios[1]"),
+    "negative ratio": ({"ratios": [-0.1]}, "ratios[0]"),
+    "unknown family": ({"models": [{"name": "m", "family": "gpt2", "source": "smollm2-135m"}]},
+                       "models[0].family"),
+    "duplicate model names": ({"models": [{"name": "m", "family": "llama", "source": "smollm2-135m"}] * 2},
+                              "models': duplicate model name(s) m"),
+    "wrong type": ({"calibration": {"num_sequences": "many"}}, "calibration.num_sequences"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_invalid_config_stops_before_any_job(tmp_path, case):
+    change, field = BAD[case]
+    cfg = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
+    cfg.update(change)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = _snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(path), check=False)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert f"invalid config field '{field}" in output, output[-2000:]
+    assert "Building DAG" not in output and not (tmp_path / "results").exists()
+
+
+def _mlflow_runs(db: Path, experiment: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=100)
+
+
+@pytest.mark.slow
+@pytest.mark.workflow
+def test_smoke_workflow_end_to_end(tmp_path, smollm2_dir):
+    smoke = ROOT / "config/smoke.yaml"
+    cfg = yaml.safe_load(smoke.read_text())
+    run = ["--cores", "2", "--configfile", str(smoke), "--workflow-profile", str(ROOT / "profiles/local"),
+           "--config", f"resources_dir={Path(smollm2_dir).resolve().parent.parent}"]
+    _snakemake(tmp_path, *run)
+    exp = tmp_path / "results" / cfg["experiment"]
+    report_dir = exp / "report"
+
+    # tables: dense + every criterion at the ratio, with the task columns, perplexity, fidelity and size
+    main = pd.read_csv(report_dir / "tables/smollm2-135m.main.csv")
+    assert main["method"].tolist() == ["dense", *cfg["criteria"]]
+    assert {"arc_easy", "boolq", "average", "ppl_wiki", "js_distance", "params"} <= set(main.columns)
+    assert main[["arc_easy", "boolq", "average", "ppl_wiki", "params"]].notna().all().all()
+    assert (main["params"].iloc[1:] < main["params"].iloc[0]).all()
+    assert main["js_distance"].iloc[1:].between(0, 1).all()
+    for name in ("main", "ablation", "fidelity"):
+        for fmt in ("csv", "md", "tex"):
+            assert (report_dir / f"tables/smollm2-135m.{name}.{fmt}").stat().st_size > 0
+    for plot in ("avg_vs_ratio", "ppl_vs_ratio", "neurons_kept"):
+        assert (report_dir / f"plots/smollm2-135m.{plot}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "configured cell(s) have no metrics" not in (report_dir / "report.md").read_text()
+    # every job left its log and benchmark
+    assert len(list((exp / "logs").rglob("*.log"))) == len(list((exp / "benchmarks").rglob("*.tsv"))) == 8
+
+    # MLflow: one parent run for the model, a child per score and per evaluate job, all finished
+    runs = _mlflow_runs(tmp_path / "results/mlflow.db", cfg["experiment"])
+    parents = [r for r in runs if r.data.tags.get("hfprune.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("hfprune.role") == "job"]
+    assert len(parents) == 1 and len(children) == 2 + 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    evaluations = {c.info.run_name: c for c in children if c.data.tags["hfprune.stage"] == "evaluate"}
+    assert set(evaluations) == {"evaluate: dense", "evaluate: magnitude r0.2", "evaluate: taylor_entropy r0.2"}
+    cell = evaluations["evaluate: taylor_entropy r0.2"].data
+    table_row = main[main["method"] == "taylor_entropy"].iloc[0]
+    assert cell.metrics["average"] * 100 == pytest.approx(table_row["average"])
+    assert cell.metrics["ppl/wiki"] == pytest.approx(table_row["ppl_wiki"])
+    assert int(cell.params["neurons_kept"]) > 0 and cell.params["ratio"] == "0.2"
+    scores = [c for c in children if c.data.tags["hfprune.stage"] == "score"]
+    assert all(c.data.metrics["score_seconds"] > 0 for c in scores)
+
+    # nothing changed: a second run does no work
+    again = _snakemake(tmp_path, *run)
+    assert "Nothing to be done" in again.stdout + again.stderr
+    # an evaluation setting changed: only the evaluations and the report rerun (scores and plans are kept)
+    edited = dict(cfg, evaluation={**cfg["evaluation"], "limit": 2})
+    (tmp_path / "edited.yaml").write_text(yaml.safe_dump(edited))
+    dry = _snakemake(tmp_path, "-n", "--quiet", "rules", *run[:2], "--configfile", str(tmp_path / "edited.yaml"),
+                     "--config", run[-1])
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", dry.stdout, re.MULTILINE))
+    assert jobs == {"evaluate_dense": "1", "evaluate_pruned": "2", "report": "1", "all": "1", "total": "5"}

@@ -1,0 +1,109 @@
+# Shared names and helpers of the grid: paths, wildcard constraints, how jobs call hfprune.
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import sys
+
+import yaml
+
+from hfprune.assets import ASSET_MARKER
+from hfprune.models import ModelSpec
+from hfprune.plan import format_ratio
+from hfprune.runtime import atomic_path
+
+EXP = f"{config['results_dir']}/{config['experiment']}"
+# The validated config (defaults filled in, --config overrides applied) that every job reads; written by
+# `onstart` below, i.e. not on dry runs, and only when its content changes.
+RUN_CONFIG = f"{EXP}/config.yaml"
+LOGS, BENCH = f"{EXP}/logs", f"{EXP}/benchmarks"
+REPORT = f"{EXP}/report/report.md"
+
+MODELS = {m["name"]: m for m in config["models"]}
+CRITERIA = config["criteria"]
+RATIOS = [format_ratio(r) for r in config["ratios"]]  # the `ratio` wildcard: "0.2" in .../r0.2.json
+RECOVERY = config["recovery"]["enabled"]
+
+# Jobs run the hfprune of the Python that runs Snakemake (`make run` does not activate the venv).
+PY = shlex.quote(sys.executable)
+HFPRUNE = f"{PY} -m hfprune.cli"
+# GPU jobs ask for one device (`--resources gpu=N` caps how many run at once) and take a free one through a
+# lock-file slot (hfprune.gpu sets CUDA_VISIBLE_DEVICES); a CPU config needs neither.
+GPU = 0 if config["device"] == "cpu" else 1
+HFPRUNE_GPU = HFPRUNE if GPU == 0 else f"{PY} -m hfprune.gpu -- {HFPRUNE}"
+
+
+def _alternatives(names):
+    return "|".join(re.escape(n) for n in names)
+
+
+wildcard_constraints:
+    model=_alternatives(MODELS),
+    criterion=_alternatives(CRITERIA),
+    ratio=_alternatives(RATIOS),
+
+
+def asset_marker(wildcards):
+    """Embedded models are materialised by the assets rule first; local folders and hub ids need no job."""
+    if ModelSpec.from_config(MODELS[wildcards.model]).kind == "embedded":
+        return f"{config['resources_dir']}/models/{wildcards.model}/{ASSET_MARKER}"
+    return []
+
+
+def _lookup(key):
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def settings(*keys):
+    """A params value that changes when the config values a job depends on (sections or dotted keys such as
+    "pruning.scope"), its model entry or its criterion's options change, so Snakemake's params rerun trigger
+    reruns exactly the jobs affected by a config edit."""
+
+    def digest(wildcards):
+        used = {key: _lookup(key) for key in keys}
+        names = wildcards.keys()
+        used["model"] = MODELS[wildcards.model] if "model" in names else None
+        crit = wildcards.criterion if "criterion" in names else None
+        used["options"] = config["criterion_options"].get(crit)
+        return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:16]
+
+    return digest
+
+
+COMPUTE = ("seed", "dtype", "device", "device_map")
+
+
+def score_path(model, criterion):
+    return f"{EXP}/scores/{model}/{criterion}.safetensors"
+
+
+def plan_path(model, criterion, ratio):
+    return f"{EXP}/plans/{model}/{criterion}/r{ratio}.json"
+
+
+def metrics_paths():
+    """Every cell the report needs: dense once per model, criterion x ratio, recovered ones if enabled."""
+    paths = [f"{EXP}/metrics/{m}/dense.json" for m in MODELS]
+    for m in MODELS:
+        for c in CRITERIA:
+            for r in RATIOS:
+                paths.append(f"{EXP}/metrics/{m}/{c}/r{r}.json")
+                if RECOVERY:
+                    paths.append(f"{EXP}/metrics/{m}/{c}/r{r}.recovered.json")
+    return paths
+
+
+onstart:
+    # runs left RUNNING by jobs killed in an earlier run (SIGKILL, OOM, power loss) are closed as KILLED
+    from hfprune.tracking import close_stale_runs
+
+    close_stale_runs(config)
+    text = yaml.safe_dump(dict(config), sort_keys=False)
+    if not os.path.isfile(RUN_CONFIG) or open(RUN_CONFIG).read() != text:
+        with atomic_path(RUN_CONFIG) as tmp:
+            tmp.write_text(text)
