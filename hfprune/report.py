@@ -466,8 +466,10 @@ def write_report(cfg: dict, out_dir: str | os.PathLike | None = None) -> Path:
 
 def _plots(cells: pd.DataFrame, plans: dict[str, dict], model: str, root: Path) -> list[str]:
     plots = root / "plots"
-    made = [plot_metric_vs_ratio(cells, ["average"], plots / f"{model}.avg_vs_ratio.png",
-                                 f"{model}: average accuracy vs ratio", "average accuracy (%)")]
+    made = []
+    if cells["average"].notna().any():  # a grid with evaluation.suite `none` has no accuracy to plot
+        made.append(plot_metric_vs_ratio(cells, ["average"], plots / f"{model}.avg_vs_ratio.png",
+                                         f"{model}: average accuracy vs ratio", "average accuracy (%)"))
     ppl = [c for c in cells.columns if c.startswith("ppl_")]
     if ppl:
         made.append(plot_metric_vs_ratio(cells, ppl, plots / f"{model}.ppl_vs_ratio.png",

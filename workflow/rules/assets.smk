@@ -1,13 +1,16 @@
-# Embedded (packaged GGUF) models -> safetensors folders under <resources_dir>/models/<name>/, once.
+# Embedded (packaged GGUF) models -> safetensors folders under <resources_dir>/models/<source>/, once per
+# packaged model (config entries that share a source share its folder).
 
 
 rule assets:
+    conda:
+        ENV
     output:
-        f"{config['resources_dir']}/models/{{model}}/{ASSET_MARKER}",
+        f"{config['resources_dir']}/models/{{source}}/{ASSET_MARKER}",
     log:
-        f"{LOGS}/assets/{{model}}.log",
+        f"{LOGS}/assets/{{source}}.log",
     benchmark:
-        f"{BENCH}/assets/{{model}}.tsv"
+        f"{BENCH}/assets/{{source}}.tsv"
     params:
         hfprune=HFPRUNE,
         config=RUN_CONFIG,
@@ -17,4 +20,4 @@ rule assets:
         mem_mb=8000,
         runtime=30,
     shell:
-        "{params.hfprune} assets --config {params.config} --model {wildcards.model} > {log} 2>&1"
+        "{params.hfprune} assets --config {params.config} --source {wildcards.source} > {log} 2>&1"

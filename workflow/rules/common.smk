@@ -8,8 +8,9 @@ import shlex
 import sys
 
 import yaml
+from snakemake.settings.types import DeploymentMethod
 
-from hfprune.assets import ASSET_MARKER
+from hfprune.assets import ASSET_MARKER, EMBEDDED_MODELS
 from hfprune.models import ModelSpec
 from hfprune.plan import format_ratio
 from hfprune.runtime import atomic_path
@@ -26,12 +27,16 @@ CRITERIA = config["criteria"]
 RATIOS = [format_ratio(r) for r in config["ratios"]]  # the `ratio` wildcard: "0.2" in .../r0.2.json
 RECOVERY = config["recovery"]["enabled"]
 
-# Jobs run the hfprune of the Python that runs Snakemake (`make run` does not activate the venv).
-PY = shlex.quote(sys.executable)
-HFPRUNE = f"{PY} -m hfprune.cli"
 # GPU jobs ask for one device (`--resources gpu=N` caps how many run at once) and take a free one through a
 # lock-file slot (hfprune.gpu sets CUDA_VISIBLE_DEVICES); a CPU config needs neither.
 GPU = 0 if config["device"] == "cpu" else 1
+# Every rule names the conda environment matching the config's device (used with `--sdm conda`, paths are
+# relative to this folder); jobs then run that environment's python. Without conda, jobs run the hfprune of
+# the Python that runs Snakemake (`make run` does not activate the venv).
+ENV = "../../envs/cuda.yaml" if GPU else "../../envs/cpu.yaml"
+CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+PY = "python" if CONDA else shlex.quote(sys.executable)
+HFPRUNE = f"{PY} -m hfprune.cli"
 HFPRUNE_GPU = HFPRUNE if GPU == 0 else f"{PY} -m hfprune.gpu -- {HFPRUNE}"
 
 
@@ -43,12 +48,13 @@ wildcard_constraints:
     model=_alternatives(MODELS),
     criterion=_alternatives(CRITERIA),
     ratio=_alternatives(RATIOS),
+    source=_alternatives(EMBEDDED_MODELS),
 
 
 def asset_marker(wildcards):
     """Embedded models are materialised by the assets rule first; local folders and hub ids need no job."""
     if ModelSpec.from_config(MODELS[wildcards.model]).kind == "embedded":
-        return f"{config['resources_dir']}/models/{wildcards.model}/{ASSET_MARKER}"
+        return f"{config['resources_dir']}/models/{MODELS[wildcards.model]['source']}/{ASSET_MARKER}"
     return []
 
 

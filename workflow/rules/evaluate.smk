@@ -4,6 +4,8 @@ EVAL_SETTINGS = settings("evaluation", *COMPUTE)
 
 
 rule evaluate_dense:
+    conda:
+        ENV
     input:
         asset=asset_marker,
     output:
@@ -27,6 +29,8 @@ rule evaluate_dense:
 
 
 rule evaluate_pruned:
+    conda:
+        ENV
     input:
         asset=asset_marker,
         plan=plan_path("{model}", "{criterion}", "{ratio}"),
@@ -51,6 +55,8 @@ rule evaluate_pruned:
 
 
 rule evaluate_recovered:
+    conda:
+        ENV
     input:
         asset=asset_marker,
         plan=plan_path("{model}", "{criterion}", "{ratio}"),

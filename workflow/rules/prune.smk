@@ -2,6 +2,8 @@
 
 
 rule plan:
+    conda:
+        ENV
     input:
         asset=asset_marker,
         scores=score_path("{model}", "{criterion}"),

@@ -2,6 +2,8 @@
 
 
 rule recover:
+    conda:
+        ENV
     input:
         asset=asset_marker,
         plan=plan_path("{model}", "{criterion}", "{ratio}"),

@@ -2,6 +2,8 @@
 
 
 rule report:
+    conda:
+        ENV
     input:
         metrics=metrics_paths(),
         plans=[plan_path(m, c, r) for m in MODELS for c in CRITERIA for r in RATIOS],

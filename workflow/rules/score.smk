@@ -3,6 +3,8 @@
 
 
 rule score:
+    conda:
+        ENV
     input:
         asset=asset_marker,
     output:
