@@ -8,7 +8,7 @@ covers scoring only. Wall-clock ratios need a quiet machine; CPU-time ratios are
   (c) Qwen2.5-Coder-0.5B, 1024-token sequences: peak memory vs the official algorithm (<= 0.6x);
   (d) taylor_kd vs taylor_entropy (time, memory; the paper reports ~3x time on 7B).
 Usage: python benchmarks/bench_score.py [--only a,b,c,d] [--sequences 32] [--seq-len 256]
-       [--qwen-sequences 2] [--qwen-seq-len 1024] [--batch-size 4] [--threads 2]
+       [--qwen-sequences 2] [--qwen-seq-len 1024] [--batch-size 4] [--threads 2] [--logits-chunk 128]
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def run_variant(args) -> None:
     elif args.variant == "floor":
         floor_pass(model, plain)
     else:
-        out = score_model(model, batches, args.variant.split("+"))
+        out = score_model(model, batches, args.variant.split("+"), logits_chunk=args.logits_chunk)
         scores = out[args.variant.split("+")[-1]]
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if scores is not None and args.scores_out:
@@ -87,7 +87,7 @@ def run_variant(args) -> None:
 def measure(variant: str, model: str, sequences: int, seq_len: int, opts, scores_out: str = "") -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--model", model, "--sequences", str(sequences),
            "--seq-len", str(seq_len), "--batch-size", str(opts.batch_size), "--threads", str(opts.threads),
-           "--scores-out", scores_out]
+           "--logits-chunk", str(opts.logits_chunk), "--scores-out", scores_out]
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
         raise SystemExit(f"variant {variant} failed:\n{res.stderr[-3000:]}")
@@ -122,6 +122,7 @@ def main() -> None:
     p.add_argument("--qwen-seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--logits-chunk", type=int, default=128, help="positions per chunk of the output-loss gradient")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)
     p.add_argument("--scores-out", default="", help=argparse.SUPPRESS)

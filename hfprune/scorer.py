@@ -233,7 +233,7 @@ def _gradient_scores(model, adapter, batches, criteria: list[GradientCriterion],
 
 # --- entry points ------------------------------------------------------------------------------------------
 def score_model(model, batches, criteria: list[Criterion | str], *, scope: str = "mlp", seed: int = 0,
-                logits_chunk: int = 256, gradient_checkpointing: bool = False,
+                logits_chunk: int = 128, gradient_checkpointing: bool = False,
                 progress: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """{criterion name: {"mlp.<i>": [intermediate] fp32, ("attn_kv.<i>": [num_kv_heads])}}.
 
