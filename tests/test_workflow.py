@@ -190,3 +190,35 @@ def test_smoke_workflow_end_to_end(tmp_path, smollm2_dir):
                      "--config", run[-1])
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", dry.stdout, re.MULTILINE))
     assert jobs == {"evaluate_dense": "1", "evaluate_pruned": "2", "report": "1", "all": "1", "total": "5"}
+
+
+@pytest.mark.slow
+@pytest.mark.workflow
+def test_smoke_workflow_with_recovery_has_before_and_after_rows(tmp_path, smollm2_dir):
+    """Recovery on: each cell is evaluated before and after LoRA, the table marks both, MLflow has the curve."""
+    cfg = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
+    cfg.update(experiment="smoke-lora", criteria=["magnitude"],
+               recovery={"enabled": True, "max_steps": 3, "num_samples": 6, "seq_len": 32, "batch_size": 2,
+                         "lora": {"r": 4, "alpha": 8}})
+    config = tmp_path / "lora.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    _snakemake(tmp_path, "--cores", "2", "--configfile", str(config), "--workflow-profile",
+               str(ROOT / "profiles/local"), "--config", f"resources_dir={Path(smollm2_dir).resolve().parent.parent}")
+    exp = tmp_path / "results" / cfg["experiment"]
+
+    main = pd.read_csv(exp / "report/tables/smollm2-135m.main.csv")
+    ours = main[main["source"] == "ours"]
+    assert ours["method"].tolist() == ["dense", "magnitude", "magnitude +LoRA"]
+    assert ours["fine_tuned"].tolist() == ["not fine-tuned", "no", "LoRA"]
+    before, after = ours.iloc[1], ours.iloc[2]
+    assert before["params"] == after["params"]  # recovery keeps the pruned shapes
+    assert after["ppl_wiki"] != before["ppl_wiki"]  # the merged adapter changed the model
+
+    runs = _mlflow_runs(tmp_path / "results/mlflow.db", cfg["experiment"])
+    (recover,) = [r for r in runs if r.data.tags.get("hfprune.stage") == "recover"]
+    from mlflow import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{tmp_path / 'results/mlflow.db'}").get_metric_history(
+        recover.info.run_id, "recovery_loss")
+    assert [m.step for m in history] == [0, 1, 2] and all(m.value > 0 for m in history)
+    assert {r.info.status for r in runs} == {"FINISHED"}
