@@ -64,3 +64,11 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir):
                pad_token_id=2).save_pretrained(path)
     AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(path)
     return path
+
+
+def experiment_runs(db, experiment: str):
+    """Every MLflow run of `experiment` in the SQLite store at `db` (the workflow's default tracking store)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=100)

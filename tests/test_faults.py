@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import experiment_runs
 from safetensors.torch import save_file
 
 from hfprune import tracking
@@ -126,12 +127,6 @@ def _score_process(workdir: Path) -> int | None:
     return None
 
 
-def _runs(workdir: Path, experiment: str):
-    client = _client(f"sqlite:///{workdir}/results/mlflow.db")
-    exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id], max_results=100)
-
-
 @pytest.mark.slow
 @pytest.mark.workflow
 def test_scoring_killed_midway_then_the_grid_resumes(tmp_path, smollm2_dir):
@@ -164,7 +159,7 @@ def test_scoring_killed_midway_then_the_grid_resumes(tmp_path, smollm2_dir):
     # nothing that looks complete: neither output, nor a leftover temp file beside them
     assert not scores.exists() or sorted(p.name for p in scores.iterdir() if "taylor_entropy" in p.name) == []
     assert (exp / "metrics/smollm2-135m/dense.json").is_file() and not (exp / "report/report.md").exists()
-    runs = {r.info.run_id: r for r in _runs(tmp_path, "resume")}
+    runs = {r.info.run_id: r for r in experiment_runs(tmp_path / "results/mlflow.db", "resume")}
     dead = [r for r in runs.values() if r.data.tags.get(tracking.PID_TAG) == str(killed)]
     assert len(dead) == 1 and dead[0].info.status == "RUNNING"  # nobody could close it
 
@@ -174,7 +169,7 @@ def test_scoring_killed_midway_then_the_grid_resumes(tmp_path, smollm2_dir):
     assert scores.joinpath("taylor_entropy.safetensors").is_file() and scores.joinpath("taylor_entropy.json").is_file()
     report = (exp / "report/report.md").read_text()
     assert "configured cell(s) have no metrics" not in report
-    after = {r.info.run_id: r for r in _runs(tmp_path, "resume")}
+    after = {r.info.run_id: r for r in experiment_runs(tmp_path / "results/mlflow.db", "resume")}
     stale = after[dead[0].info.run_id]
     assert stale.info.status == "KILLED" and "closed by close_stale_runs" in stale.data.tags["hfprune.closed"]
     assert {r.info.status for i, r in after.items() if i != stale.info.run_id} == {"FINISHED"}  # parent too

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import experiment_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
@@ -128,14 +129,6 @@ def test_invalid_config_stops_before_any_job(tmp_path, case):
     assert "Building DAG" not in output and not (tmp_path / "results").exists()
 
 
-def _mlflow_runs(db: Path, experiment: str):
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{db}")
-    exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id], max_results=100)
-
-
 @pytest.mark.slow
 @pytest.mark.workflow
 def test_smoke_workflow_end_to_end(tmp_path, smollm2_dir):
@@ -164,7 +157,7 @@ def test_smoke_workflow_end_to_end(tmp_path, smollm2_dir):
     assert len(list((exp / "logs").rglob("*.log"))) == len(list((exp / "benchmarks").rglob("*.tsv"))) == 8
 
     # MLflow: one parent run for the model, a child per score and per evaluate job, all finished
-    runs = _mlflow_runs(tmp_path / "results/mlflow.db", cfg["experiment"])
+    runs = experiment_runs(tmp_path / "results/mlflow.db", cfg["experiment"])
     parents = [r for r in runs if r.data.tags.get("hfprune.role") == "parent"]
     children = [r for r in runs if r.data.tags.get("hfprune.role") == "job"]
     assert len(parents) == 1 and len(children) == 2 + 3
@@ -214,7 +207,7 @@ def test_smoke_workflow_with_recovery_has_before_and_after_rows(tmp_path, smollm
     assert before["params"] == after["params"]  # recovery keeps the pruned shapes
     assert after["ppl_wiki"] != before["ppl_wiki"]  # the merged adapter changed the model
 
-    runs = _mlflow_runs(tmp_path / "results/mlflow.db", cfg["experiment"])
+    runs = experiment_runs(tmp_path / "results/mlflow.db", cfg["experiment"])
     (recover,) = [r for r in runs if r.data.tags.get("hfprune.stage") == "recover"]
     from mlflow import MlflowClient
 
