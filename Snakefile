@@ -6,7 +6,7 @@ Run from the repository root: `make run`, or
 (docs/CONTRACTS.md: paths and file formats between stages).
 """
 
-from hfprune.config import validate_config
+from hfprune.config import check_models, validate_config
 
 
 # --configfile replaces the default instead of being merged into it (Snakemake's `configfile:` would merge
@@ -17,7 +17,10 @@ if not workflow.overwrite_configfiles:
 
 
 # Schema validation (defaults filled in) before any job is scheduled: a bad field stops the run here, named.
-config.update(validate_config(config, source=", ".join(map(str, workflow.overwrite_configfiles)) or "config"))
+_source = ", ".join(map(str, workflow.overwrite_configfiles)) or "config"
+config.update(validate_config(config, source=_source))
+if workflow.is_main_process:  # model sources and ratios, from config.json facts (not again inside each job)
+    check_models(config, source=_source)
 
 
 include: "workflow/rules/common.smk"

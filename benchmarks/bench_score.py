@@ -8,7 +8,7 @@ covers scoring only. Wall-clock ratios need a quiet machine; CPU-time ratios are
   (c) Qwen2.5-Coder-0.5B, 1024-token sequences: peak memory vs the official algorithm (<= 0.6x);
   (d) taylor_kd vs taylor_entropy (time, memory; the paper reports ~3x time on 7B).
 Usage: python benchmarks/bench_score.py [--only a,b,c,d] [--sequences 32] [--seq-len 256]
-       [--qwen-sequences 2] [--qwen-seq-len 1024] [--batch-size 4] [--threads 2] [--logits-chunk 128]
+       [--qwen-sequences 2] [--qwen-seq-len 1024] [--batch-size 4] [--threads 2] [--logits-chunk N]
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def run_variant(args) -> None:
 def measure(variant: str, model: str, sequences: int, seq_len: int, opts, scores_out: str = "") -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--model", model, "--sequences", str(sequences),
            "--seq-len", str(seq_len), "--batch-size", str(opts.batch_size), "--threads", str(opts.threads),
-           "--logits-chunk", str(opts.logits_chunk), "--scores-out", scores_out]
+           "--scores-out", scores_out] + (["--logits-chunk", str(opts.logits_chunk)] if opts.logits_chunk else [])
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
         raise SystemExit(f"variant {variant} failed:\n{res.stderr[-3000:]}")
@@ -122,7 +122,8 @@ def main() -> None:
     p.add_argument("--qwen-seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--logits-chunk", type=int, default=128, help="positions per chunk of the output-loss gradient")
+    p.add_argument("--logits-chunk", type=int, help="counted tokens per chunk of the output-loss gradient "
+                   "(default: the scorer's, 256 MiB of fp32 logits)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)
     p.add_argument("--scores-out", default="", help=argparse.SUPPRESS)

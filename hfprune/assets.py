@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hfprune.errors import AssetError
@@ -33,6 +33,8 @@ class EmbeddedModel:
     part_files: tuple[str, ...]  # path of each part inside its package folder
     size: int
     sha256: str
+    # the converted config.json's architecture fields, so configs can be checked before the model is converted
+    architecture: dict = field(default_factory=dict, compare=False)
 
     def install_hint(self) -> str:
         pkgs = " ".join(spec for _, spec in self.packages)
@@ -50,6 +52,10 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             part_files=("SmolLM2-135M-Instruct.Q4_1.gguf",),
             size=98_362_432,
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            architecture={"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+                          "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                          "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True,
+                          "attention_bias": False, "mlp_bias": False},
         ),
         EmbeddedModel(
             name="qwen2.5-coder-0.5b",
@@ -59,6 +65,9 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             part_files=tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
             size=491_400_064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            architecture={"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+                          "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+                          "vocab_size": 151936, "tie_word_embeddings": False},
         ),
     )
 }

@@ -69,6 +69,33 @@ def validate_config(config: dict, source: str = "config") -> dict:
     return cfg
 
 
+def check_models(cfg: dict, source: str = "config") -> None:
+    """Sources that exist, families that match them, and ratios every model can reach, from config.json alone.
+
+    Called where a grid starts (the Snakefile, `hfprune validate`) so that it does not find out in its plan
+    jobs, after hours of scoring; single jobs meet the same errors when they load the model.
+    """
+    from hfprune.models import ModelSpec, architecture, check_family
+    from hfprune.plan import check_feasible
+
+    pruning = cfg["pruning"]
+    for i, entry in enumerate(cfg["models"]):
+        spec = ModelSpec.from_config(entry)
+        try:
+            arch = architecture(spec, cfg["resources_dir"])
+            if arch is not None:
+                check_family(arch, spec)
+        except HFPruneError as exc:
+            raise ConfigError(f"{source}: invalid config field 'models[{i}]': {exc}") from None
+        for j, ratio in enumerate(cfg["ratios"] if arch is not None else []):
+            try:
+                check_feasible(arch, ratio, spec.family, pruning["allocation"], pruning["scope"],
+                               pruning["min_keep_fraction"], pruning["attn_kv_group_fraction"])
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: invalid config field 'ratios[{j}]' for model {spec.name!r}: "
+                                  f"{exc}") from None
+
+
 def load_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

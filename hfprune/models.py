@@ -6,9 +6,11 @@ hub id ("org/name"). Embedded models are materialised once under ``<resources>/m
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -65,6 +67,24 @@ def ensure_available(spec: ModelSpec, resources_dir: str | os.PathLike = "resour
                                f"{EMBEDDED_MODELS[spec.source].family!r}, not {spec.family!r}; fix `family`")
         materialise(spec.source, path)
     return path
+
+
+def architecture(spec: ModelSpec, resources_dir: str | os.PathLike = "resources") -> SimpleNamespace | None:
+    """The model's config.json fields, read without weights or network (what the ratio arithmetic needs).
+
+    None for a hub model that is not in the local cache: the job that downloads it checks it instead.
+    """
+    if spec.kind == "embedded":
+        return SimpleNamespace(**EMBEDDED_MODELS[spec.source].architecture)
+    if spec.kind == "local":
+        path = model_dir(spec, resources_dir) / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(spec.source, "config.json")
+        if not isinstance(path, str):
+            return None
+    return SimpleNamespace(**json.loads(Path(path).read_text()))
 
 
 def resolve_dtype(name: str) -> torch.dtype:

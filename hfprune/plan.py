@@ -53,9 +53,33 @@ def neurons_to_keep(config, ratio: float, family: str, kv_fraction: float = 0.0)
     removed = round((ratio * total - attn_removed) / (n_layers * cls.params_per_mlp_neuron(config)))
     keep = config.intermediate_size - max(removed, 0)
     if keep < 1:
-        raise ConfigError(f"ratios: {ratio} removes {removed} neurons per layer but layers only have "
+        raise ConfigError(f"ratio {ratio} removes {removed} neurons per layer but layers only have "
                           f"{config.intermediate_size}; choose a smaller ratio")
     return keep
+
+
+def check_feasible(model_config, ratio: float, family: str, allocation: str = "uniform", scope: str = "mlp",
+                   min_keep_fraction: float = 0.05, kv_fraction: float = 0.0) -> tuple[int, int, int]:
+    """(neurons kept per layer on average, per-layer floor of global allocation, KV groups removed per layer).
+
+    Everything about a plan that the model's config decides, so that configs are checked before any scoring.
+    """
+    if allocation not in ("uniform", "global"):
+        raise ConfigError(f"pruning.allocation: unknown value {allocation!r}; choose uniform or global")
+    if scope not in ("mlp", "mlp+attn"):
+        raise ConfigError(f"pruning.scope: unknown value {scope!r}; choose mlp or mlp+attn")
+    if scope == "mlp":
+        kv_fraction = 0.0
+    keep = neurons_to_keep(model_config, ratio, family, kv_fraction)
+    floor = max(1, math.ceil(min_keep_fraction * model_config.intermediate_size)) if allocation == "global" else 1
+    if keep < floor:
+        raise ConfigError(f"ratio {ratio} keeps {keep} neurons per layer on average, below the per-layer floor "
+                          f"{floor} (pruning.min_keep_fraction); lower the ratio or the floor")
+    n_kv = model_config.num_key_value_heads
+    kv_remove = kv_groups_removed(model_config, kv_fraction)
+    if kv_remove >= n_kv:
+        raise ConfigError(f"pruning.attn_kv_group_fraction {kv_fraction} would remove all {n_kv} KV groups")
+    return keep, floor, kv_remove
 
 
 def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
@@ -77,19 +101,13 @@ def make_plan(scores: dict[str, torch.Tensor], model_config, ratio: float, famil
             raise ConfigError(f"scores: missing or wrong-sized tensor 'mlp.{i}' (expected {size} values); "
                               "were they computed for this model?")
         layer_scores.append(s.float())
-    if scope == "mlp":
-        kv_fraction = 0.0
-    keep = neurons_to_keep(model_config, ratio, family, kv_fraction)
+    keep, floor, kv_remove = check_feasible(model_config, ratio, family, allocation, scope, min_keep_fraction,
+                                            kv_fraction)
     if allocation == "uniform":
         mlp_keep = [_topk_sorted(s, keep) for s in layer_scores]
-    elif allocation == "global":
-        mlp_keep = _global_keep(layer_scores, keep * n_layers, max(1, math.ceil(min_keep_fraction * size)))
     else:
-        raise ConfigError(f"pruning.allocation: unknown value {allocation!r}; choose uniform or global")
+        mlp_keep = _global_keep(layer_scores, keep * n_layers, floor)
     n_kv = model_config.num_key_value_heads
-    kv_remove = kv_groups_removed(model_config, kv_fraction)
-    if kv_remove >= n_kv:
-        raise ConfigError(f"pruning.attn_kv_group_fraction {kv_fraction} would remove all {n_kv} KV groups")
     kv_keep: list = [None] * n_layers
     if scope == "mlp+attn":
         for i in range(n_layers):
@@ -98,8 +116,6 @@ def make_plan(scores: dict[str, torch.Tensor], model_config, ratio: float, famil
                 raise ConfigError(f"scores: missing tensor 'attn_kv.{i}' needed by pruning.scope mlp+attn; "
                                   "score with scope mlp+attn")
             kv_keep[i] = _topk_sorted(s, n_kv - kv_remove)
-    elif scope != "mlp":
-        raise ConfigError(f"pruning.scope: unknown value {scope!r}; choose mlp or mlp+attn")
     dense = cls.count_params(model_config)
     removed = sum(size - len(k) for k in mlp_keep) * cls.params_per_mlp_neuron(model_config)
     removed += n_layers * kv_remove * params_per_kv_group(model_config, family)
@@ -114,10 +130,7 @@ def _global_keep(layer_scores: list[torch.Tensor], budget: int, floor: int) -> l
     # scores of different layers live on different scales; dividing by the layer mean makes them comparable
     norm = [s / s.mean().clamp_min(torch.finfo(torch.float32).tiny) for s in layer_scores]
     chosen = [set(_topk_sorted(s, floor)) for s in norm]
-    rest = budget - floor * len(norm)
-    if rest < 0:
-        raise ConfigError(f"ratios: the neuron budget {budget} is below the per-layer floor "
-                          f"(pruning.min_keep_fraction) x {len(norm)} layers; lower the ratio or the floor")
+    rest = budget - floor * len(norm)  # >= 0: check_feasible
     cand_scores, cand_ids = [], []
     for layer, s in enumerate(norm):
         mask = torch.ones_like(s, dtype=torch.bool)

@@ -3,7 +3,8 @@
 Gradient criteria use activation gradients only: all parameters are frozen and the input embeddings are a
 leaf that requires grad, so autograd builds the graph but never computes or stores a parameter gradient.
 Per batch: one forward captures h (input of every down_proj) and the final hidden state H; dC/dH is computed
-chunk by chunk over positions (fp32 logits exist for one chunk only, which matters with a 152k vocabulary);
+chunk by chunk over the counted tokens (fp32 logits exist for one chunk only, which matters with a 152k
+vocabulary), in closed form where the criterion has one;
 then one backward per criterion from H, with dC/dH as grad_output, reaches every h. A tensor hook on each h
 turns its gradient into the score contribution right away (fp32), so per-layer gradients are freed as the
 backward proceeds. Several gradient criteria share the forward (the graph is retained between them).
@@ -42,6 +43,10 @@ from hfprune.criteria.base import group_sum
 from hfprune.errors import ConfigError, HFPruneError, ScoreError
 
 log = logging.getLogger(__name__)
+
+# Default size of one chunk of fp32 logits (scoring.logits_chunk: null): 1365 tokens of a 49k vocabulary,
+# 441 of a 152k one. Large enough for efficient lm_head products on CPU; small next to a model's activations.
+LOGITS_CHUNK_BYTES = 256 * 2**20
 
 
 # --- positions ---------------------------------------------------------------------------------------------
@@ -139,32 +144,63 @@ def _progress(batches, enabled: bool, desc: str):
     return tqdm([_as_batch(b) for b in batches], desc=f"scoring {desc}", disable=not enabled, leave=False)
 
 
-def _output_gradients(model, H, criteria, labels, valid, teacher_H, chunk: int) -> list[torch.Tensor]:
-    """dC/dH per criterion, computed over chunks of positions so that fp32 logits never exist in full."""
+def _linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """out = x @ weight.T (+ bias), written into a preallocated fp32 buffer (no fresh [n, V] allocation)."""
+    if weight.dtype != out.dtype:
+        return out.copy_(torch.nn.functional.linear(x, weight, bias))
+    torch.mm(x, weight.t(), out=out)
+    return out if bias is None else out.add_(bias)
+
+
+def _output_gradients(model, H, criteria, labels, valid, teacher_H, chunk: int | None) -> list[torch.Tensor]:
+    """dC/dH per criterion over the counted tokens, `chunk` tokens at a time (fp32 logits never exist in full).
+
+    Only counted tokens are gathered (the others have dC/dH = 0) into contiguous [chunk, hidden] rows, so
+    lm_head is one plain matrix product per chunk. A criterion with a closed-form `logit_gradient_` turns a
+    reused logits buffer into dC/dlogits in place, then dC/dH = dC/dlogits @ W_lm_head / n; the others go
+    through autograd on `position_loss`.
+    """
     lm_head = model.get_output_embeddings()
-    dev = lm_head.weight.device
-    Hd = H.detach()
+    weight, bias = lm_head.weight, lm_head.bias
+    dev = weight.device
+    hidden = H.shape[-1]
+    Hd = H.detach().reshape(-1, hidden)
     grads = [torch.zeros_like(Hd) for _ in criteria]
-    n = valid.sum().clamp_min(1).to(dev)
-    labels, valid = labels.to(dev), valid.to(dev)
-    for s in range(0, Hd.shape[1], chunk):
-        e = min(s + chunk, Hd.shape[1])
-        v = valid[:, s:e]
-        if not v.any():
-            continue
-        hc = Hd[:, s:e].to(dev).requires_grad_(True)
-        with torch.enable_grad():
-            logits = lm_head(hc).float()
-            teacher = None
-            if teacher_H is not None:
-                with torch.no_grad():
-                    teacher = lm_head(teacher_H[:, s:e].to(dev)).float()
-            for k, crit in enumerate(criteria):
-                loss = crit.position_loss(logits, labels[:, s:e], teacher)
-                loss = torch.where(v, loss, 0.0).sum() / n
-                (g,) = torch.autograd.grad(loss, hc, retain_graph=k + 1 < len(criteria))
-                grads[k][:, s:e] = g.to(Hd.device)
-    return grads
+    rows = valid.reshape(-1).nonzero().squeeze(1)
+    n = max(len(rows), 1)
+    labels = labels.reshape(-1)
+    teacher_Hf = teacher_H.reshape(-1, hidden) if teacher_H is not None else None
+    closed = [type(c).logit_gradient_ is not GradientCriterion.logit_gradient_ for c in criteria]
+    need_graph = not all(closed)
+    chunk = chunk or max(1, LOGITS_CHUNK_BYTES // (4 * weight.shape[0]))
+    size = min(chunk, len(rows))
+    buffers = [torch.empty(size, weight.shape[0], device=dev) for _ in range(min(sum(closed), 2))]
+    for s in range(0, len(rows), chunk):
+        r = rows[s:s + chunk]
+        hc = Hd[r].to(dev).requires_grad_(need_graph)
+        lab = labels[r].to(dev)
+        logits = teacher = None
+        if need_graph:
+            with torch.enable_grad():
+                logits = lm_head(hc).float()
+        if teacher_Hf is not None:
+            with torch.no_grad():
+                teacher = lm_head(teacher_Hf[r].to(dev)).float().unsqueeze(0)
+        if buffers:
+            z = buffers[0][:len(r)]
+            if logits is None:
+                _linear_into(z, hc, weight, bias)
+            else:
+                z.copy_(logits.detach())
+        for k, crit in enumerate(criteria):
+            if closed[k]:  # the last closed-form criterion of the chunk may consume z itself
+                dz = z if not any(closed[k + 1:]) else buffers[1][:len(r)].copy_(z)
+                g = (crit.logit_gradient_(dz, lab).to(weight.dtype) @ weight).div_(n)
+            else:
+                loss = crit.position_loss(logits.unsqueeze(0), lab.unsqueeze(0), teacher).sum() / n
+                (g,) = torch.autograd.grad(loss, hc, retain_graph=not all(closed[k + 1:]))
+            grads[k][r] = g.to(Hd.device, Hd.dtype)
+    return [g.view_as(H) for g in grads]
 
 
 def _gradient_scores(model, adapter, batches, criteria: list[GradientCriterion], attn: bool, chunk: int,
@@ -233,7 +269,7 @@ def _gradient_scores(model, adapter, batches, criteria: list[GradientCriterion],
 
 # --- entry points ------------------------------------------------------------------------------------------
 def score_model(model, batches, criteria: list[Criterion | str], *, scope: str = "mlp", seed: int = 0,
-                logits_chunk: int = 128, gradient_checkpointing: bool = False,
+                logits_chunk: int | None = None, gradient_checkpointing: bool = False,
                 progress: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """{criterion name: {"mlp.<i>": [intermediate] fp32, ("attn_kv.<i>": [num_kv_heads])}}.
 

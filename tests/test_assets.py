@@ -90,3 +90,20 @@ def test_unsupported_architecture_lists_supported_families(tmp_path):
     GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match=r"unsupported architecture.*gpt2.*supported families.*llama"):
         load_model(ModelSpec("m", "llama", str(tmp_path)))
+
+
+@pytest.mark.parametrize("fixture", ["smollm2_dir", "qwen_dir"])
+def test_embedded_architecture_facts_match_the_converted_config(request, fixture):
+    """Configs are checked against these facts before conversion: they must be what conversion produces."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from hfprune.adapters import adapter_class
+
+    folder = request.getfixturevalue(fixture)
+    facts = EMBEDDED_MODELS[folder.name].architecture
+    written = json.loads((folder / "config.json").read_text())
+    assert {k: written[k] for k in facts} == facts
+    cls = adapter_class(facts["model_type"])
+    assert cls.count_params(SimpleNamespace(**facts)) == cls.count_params(AutoConfig.from_pretrained(folder))

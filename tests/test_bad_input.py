@@ -77,7 +77,7 @@ def tiny_scores(tmp_path, tiny_llama_dir):
     ("1.0", "--ratio 1.0 must be in (0, 1)"),
     # the tiny model's 49k-token embedding dominates its parameters: removing half of them needs more
     # neurons than a layer has
-    ("0.5", "ratios: 0.5 removes"),
+    ("0.5", "ratio 0.5 removes"),
 ])
 def test_plan_ratio_out_of_range_or_leaving_no_neuron(tmp_path, tiny_llama_dir, tiny_scores, ratio, message):
     out = tmp_path / "plans" / "p.json"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
-from hfprune.config import load_config, validate_config
+from hfprune.config import check_models, load_config, validate_config
 from hfprune.errors import ConfigError
 
 BASE = {"models": [{"name": "smol", "family": "llama", "source": "smollm2-135m"}],
@@ -63,3 +65,33 @@ def test_file_errors_name_the_file(tmp_path):
     notmap.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match=r"list\.yaml: the config must be a mapping"):
         load_config(notmap)
+
+
+@pytest.mark.parametrize("changes, field, message", [
+    # SmolLM2's embeddings are 21% of its parameters: removing 70% needs more neurons than a layer has
+    ({"ratios": [0.2, 0.7]}, "ratios[1]' for model 'smol'",
+     "ratio 0.7 removes 1816 neurons per layer but layers only have 1536"),
+    ({"ratios": [0.5], "pruning": {"allocation": "global", "min_keep_fraction": 0.5}}, "ratios[0]' for model 'smol'",
+     "keeps 239 neurons per layer on average, below the per-layer floor 768"),
+    ({"models": [{"name": "smol", "family": "qwen2", "source": "smollm2-135m"}]}, "models[0]'",
+     "config says family 'qwen2' but the checkpoint is 'llama'"),
+    ({"models": [{"name": "m", "family": "llama", "source": "/no/such/model"}]}, "models[0]'",
+     "local source folder '/no/such/model' does not exist"),
+    ({"models": [{"name": "m", "family": "llama", "source": "smollm3"}]}, "models[0]'",
+     "source 'smollm3' is not an embedded model"),
+])
+def test_model_dependent_values_fail_before_any_job(changes, field, message):
+    """Checked from config.json facts alone (no weights, no conversion) where a grid starts."""
+    cfg = validate_config(with_(**changes))  # the schema alone cannot know these
+    with pytest.raises(ConfigError, match="invalid config field '" + re.escape(field)) as exc:
+        check_models(cfg)
+    assert message in str(exc.value)
+
+
+def test_local_model_config_is_read_for_the_ratio_check(tmp_path, tiny_llama_dir):
+    cfg = validate_config(with_(models=[{"name": "t", "family": "llama", "source": str(tiny_llama_dir)}],
+                                ratios=[0.001, 0.5]))
+    with pytest.raises(ConfigError, match=r"'ratios\[1\]' for model 't': ratio 0.5 removes"):
+        check_models(cfg)
+    cfg["ratios"] = [0.001]
+    check_models(cfg)

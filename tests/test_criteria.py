@@ -63,3 +63,19 @@ def test_fisher_squares_and_taylor_takes_abs():
     x = torch.tensor([-2.0, 0.5])
     assert torch.equal(get_criterion("fisher").token_scores(x), torch.tensor([4.0, 0.25]))
     assert torch.equal(get_criterion("taylor_ce").token_scores(x), torch.tensor([2.0, 0.5]))
+
+
+@pytest.mark.parametrize("name", ["taylor_ce", "taylor_entropy", "fisher"])
+@pytest.mark.parametrize("rows", [10, 70])  # 70 rows: more than one in-place row block
+def test_closed_form_logit_gradients_equal_autograd(name, rows):
+    """The scorer uses `logit_gradient_` instead of autograd where a criterion defines it: they must agree."""
+    crit = get_criterion(name)
+    g = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, 300, generator=g, dtype=torch.float64) * 4
+    labels = torch.randint(0, 300, (rows,), generator=g)
+    x = logits.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(crit.position_loss(x[None], labels[None]).sum(), x)
+    work = logits.clone()
+    got = crit.logit_gradient_(work, labels)
+    assert got.data_ptr() == work.data_ptr()  # in place: no second [n, V] tensor
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -39,7 +39,7 @@ def test_llama2_7b_parameter_count():
 
 
 def test_too_large_ratio_names_ratios():
-    with pytest.raises(ConfigError, match="ratios: 0.99"):
+    with pytest.raises(ConfigError, match="ratio 0.99 removes"):
         neurons_to_keep(tiny_config("llama"), 0.99, "llama")
 
 

@@ -137,10 +137,12 @@ def test_padding_is_excluded():
 def test_shared_forward_chunking_and_checkpointing_give_the_same_scores():
     model = tiny_model("llama")
     batches = [_padded(_seqs(seed=s)) for s in range(2)]
-    together = score_model(model, batches, ["taylor_ce", "taylor_entropy"], logits_chunk=256)
+    # closed-form (ce, entropy) and autograd (topk) output gradients in one shared forward
+    names = ("taylor_ce", "taylor_entropy_topk", "taylor_entropy")
+    together = score_model(model, batches, list(names), logits_chunk=256)
     calls = []
     model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda *a: calls.append(1))
-    for name in ("taylor_ce", "taylor_entropy"):
+    for name in names:
         apart = score_model(model, batches, [name], logits_chunk=3)[name]
         calls.clear()
         ckpt = score_model(model, batches, [name], logits_chunk=5, gradient_checkpointing=True)[name]

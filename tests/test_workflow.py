@@ -112,6 +112,10 @@ BAD = {
     "duplicate model names": ({"models": [{"name": "m", "family": "llama", "source": "smollm2-135m"}] * 2},
                               "models': duplicate model name(s) m"),
     "wrong type": ({"calibration": {"num_sequences": "many"}}, "calibration.num_sequences"),
+    # decided by the model's config alone: found before scoring, not by the plan job hours later
+    "ratio leaving no neuron": ({"ratios": [0.2, 0.7]}, "ratios[1]' for model 'smollm2-135m': ratio 0.7 removes"),
+    "missing local model": ({"models": [{"name": "m", "family": "llama", "source": "/no/such/model"}]},
+                            "models[0]': model 'm': local source folder '/no/such/model' does not exist"),
 }
 
 

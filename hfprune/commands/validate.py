@@ -2,7 +2,7 @@
 
 import yaml
 
-from hfprune.config import load_config
+from hfprune.config import check_models, load_config
 
 HELP = "validate a config (schema + semantic checks) and print it with defaults"
 
@@ -12,5 +12,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    print(yaml.safe_dump(load_config(args.config), sort_keys=False), end="")
+    cfg = load_config(args.config)
+    check_models(cfg, source=args.config)
+    print(yaml.safe_dump(cfg, sort_keys=False), end="")
     return 0

@@ -68,6 +68,15 @@ class GradientCriterion(Criterion):
         """
         raise NotImplementedError
 
+    def logit_gradient_(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Optional closed form: overwrite fp32 logits [n, V] with d position_loss / d logits and return them.
+
+        `labels` [n] are real next tokens (never -100). Criteria that do not override this are differentiated
+        by autograd through `position_loss`. In place, with no autograd-saved [n, V] tensors, a closed form
+        removes most of a scoring step's elementwise work over the vocabulary.
+        """
+        raise NotImplementedError
+
     def token_scores(self, contribution: torch.Tensor) -> torch.Tensor:
         """Per-token importance from the first-order contribution h * dC/dh (fp32); summed over tokens."""
         return contribution.abs()
@@ -78,7 +87,44 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
 
 
+# Closed-form output gradients work in place on blocks of rows: on CPU a [32, V] fp32 block stays in cache.
+# Measured on a [1365, 49152] chunk, 2 threads: entropy gradient 0.11 s, vs 0.20 s for the same in-place
+# passes over the whole chunk and 0.34 s out of place.
+ROW_BLOCK = 32
+
+
+def _row_blocks(x: torch.Tensor) -> list[torch.Tensor]:
+    step = ROW_BLOCK if x.device.type == "cpu" else max(len(x), 1)  # GPUs: one block, fewer kernel launches
+    return list(x.split(step))
+
+
+def cross_entropy_gradient_(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """In place: logits -> d CE / d logits = softmax(logits) - onehot(label), per row."""
+    for z in _row_blocks(logits):
+        z.sub_(z.amax(-1, keepdim=True)).exp_()
+        z.div_(z.sum(-1, keepdim=True))
+    logits[torch.arange(len(labels), device=logits.device), labels] -= 1
+    return logits
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """-sum_j p_j log p_j of softmax(logits) over the last dim."""
     logp = torch.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def entropy_gradient_(logits: torch.Tensor) -> torch.Tensor:
+    """In place: logits z -> d H / d z = -p * (log p + H), per row.
+
+    The expression autograd evaluates through `entropy`. Measured on SmolLM2 logits against fp64, dC/dH from
+    this fp32 closed form is within 2.4e-6 (autograd: 1.8e-5). That needs an exact row dot product: the
+    einsum/bmm route sums 49k fp32 products with 8e-5 relative error and moved kept sets at the boundary.
+    """
+    blocks = _row_blocks(logits)
+    p = torch.empty_like(blocks[0]) if blocks else None
+    for z in blocks:
+        logp = z.sub_(torch.logsumexp(z, -1, keepdim=True))
+        probs = torch.exp(logp, out=p[:len(z)])
+        neg_h = torch.linalg.vecdot(probs, logp).unsqueeze(-1)  # not einsum: its fp32 dot is 800x less exact
+        logp.sub_(neg_h).mul_(probs).neg_()
+    return logits

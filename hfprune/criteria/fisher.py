@@ -1,13 +1,12 @@
 """`fisher`: diagonal second-order baseline, sum over tokens of (h · dCE/dh)^2 (empirical Fisher)."""
 
-from hfprune.criteria.base import GradientCriterion, cross_entropy
+from hfprune.criteria.taylor_ce import TaylorCECriterion
 
 
-class FisherCriterion(GradientCriterion):
+class FisherCriterion(TaylorCECriterion):
+    """The CE loss of `taylor_ce`, with squared instead of absolute per-token contributions."""
+
     name = "fisher"
-
-    def position_loss(self, logits, labels, teacher_logits=None):
-        return cross_entropy(logits, labels)
 
     def token_scores(self, contribution):
         return contribution.square()

@@ -1,6 +1,6 @@
 """`taylor_entropy` (HFPrune): C = entropy of the model's own output distribution; no labels, no teacher."""
 
-from hfprune.criteria.base import GradientCriterion, entropy
+from hfprune.criteria.base import GradientCriterion, entropy, entropy_gradient_
 
 
 class TaylorEntropyCriterion(GradientCriterion):
@@ -8,3 +8,6 @@ class TaylorEntropyCriterion(GradientCriterion):
 
     def position_loss(self, logits, labels, teacher_logits=None):
         return entropy(logits)
+
+    def logit_gradient_(self, logits, labels):
+        return entropy_gradient_(logits)
