@@ -33,4 +33,4 @@ lint: install
 	$(BIN)/snakemake --lint --configfile $(CONFIG)
 
 clean-results:
-	rm -rf results/*/ results/mlflow.db .snakemake
+	rm -rf results/*/ results/mlflow.db results/mlflow.db.lock .snakemake
