@@ -203,7 +203,7 @@ def _output_gradients(model, H, criteria, labels, valid, teacher_H, chunk: int |
     return [g.view_as(H) for g in grads]
 
 
-def _gradient_scores(model, adapter, batches, criteria: list[GradientCriterion], attn: bool, chunk: int,
+def _gradient_scores(model, adapter, batches, criteria: list[GradientCriterion], attn: bool, chunk: int | None,
                      progress: bool, mask_plan: dict | None = None) -> tuple[dict, int]:
     """One shared forward per batch, one backward per criterion (see the module docstring)."""
     from hfprune.surgery import neuron_mask
