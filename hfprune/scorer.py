@@ -174,7 +174,9 @@ def _output_gradients(model, H, criteria, labels, valid, teacher_H, chunk: int |
     need_graph = not all(closed)
     chunk = chunk or max(1, LOGITS_CHUNK_BYTES // (4 * weight.shape[0]))
     size = min(chunk, len(rows))
-    buffers = [torch.empty(size, weight.shape[0], device=dev) for _ in range(min(sum(closed), 2))]
+    # reused for every chunk: the logits, and a copy of them while another closed-form criterion still needs them
+    logits_buf = torch.empty(size, weight.shape[0], device=dev) if any(closed) else None
+    spare_buf = torch.empty_like(logits_buf) if sum(closed) > 1 else None
     for s in range(0, len(rows), chunk):
         r = rows[s:s + chunk]
         hc = Hd[r].to(dev).requires_grad_(need_graph)
@@ -186,15 +188,15 @@ def _output_gradients(model, H, criteria, labels, valid, teacher_H, chunk: int |
         if teacher_Hf is not None:
             with torch.no_grad():
                 teacher = lm_head(teacher_Hf[r].to(dev)).float().unsqueeze(0)
-        if buffers:
-            z = buffers[0][:len(r)]
+        if logits_buf is not None:
+            z = logits_buf[:len(r)]
             if logits is None:
                 _linear_into(z, hc, weight, bias)
             else:
                 z.copy_(logits.detach())
         for k, crit in enumerate(criteria):
             if closed[k]:  # the last closed-form criterion of the chunk may consume z itself
-                dz = z if not any(closed[k + 1:]) else buffers[1][:len(r)].copy_(z)
+                dz = z if not any(closed[k + 1:]) else spare_buf[:len(r)].copy_(z)
                 g = (crit.logit_gradient_(dz, lab).to(weight.dtype) @ weight).div_(n)
             else:
                 loss = crit.position_loss(logits.unsqueeze(0), lab.unsqueeze(0), teacher).sum() / n
