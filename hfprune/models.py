@@ -45,10 +45,16 @@ class ModelSpec:
             "'org/name'; fix the model's `source` field")
 
 
+def embedded_dir(resources_dir: str | os.PathLike, source: str) -> Path:
+    """Folder of a materialised embedded model: keyed by source, so config entries that share a packaged model
+    share its folder (also the assets rule's output pattern, with source "{source}")."""
+    return Path(resources_dir) / "models" / source
+
+
 def model_dir(spec: ModelSpec, resources_dir: str | os.PathLike = "resources") -> Path | str:
     """Where `from_pretrained` reads this model from (a folder, or a hub id)."""
-    if spec.kind == "embedded":  # keyed by source: entries that share a packaged model share its folder
-        return Path(resources_dir) / "models" / spec.source
+    if spec.kind == "embedded":
+        return embedded_dir(resources_dir, spec.source)
     if spec.kind == "local":
         path = Path(spec.source).expanduser()
         if not (path / "config.json").is_file():

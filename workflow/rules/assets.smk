@@ -6,7 +6,7 @@ rule assets:
     conda:
         ENV
     output:
-        f"{config['resources_dir']}/models/{{source}}/{ASSET_MARKER}",
+        asset_output("{source}"),
     log:
         f"{LOGS}/assets/{{source}}.log",
     benchmark:

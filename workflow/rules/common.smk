@@ -11,7 +11,7 @@ import yaml
 from snakemake.settings.types import DeploymentMethod
 
 from hfprune.assets import ASSET_MARKER, EMBEDDED_MODELS
-from hfprune.models import ModelSpec
+from hfprune.models import ModelSpec, embedded_dir
 from hfprune.plan import format_ratio
 from hfprune.runtime import atomic_path
 
@@ -51,11 +51,14 @@ wildcard_constraints:
     source=_alternatives(EMBEDDED_MODELS),
 
 
+def asset_output(source):
+    return str(embedded_dir(config["resources_dir"], source) / ASSET_MARKER)
+
+
 def asset_marker(wildcards):
     """Embedded models are materialised by the assets rule first; local folders and hub ids need no job."""
-    if ModelSpec.from_config(MODELS[wildcards.model]).kind == "embedded":
-        return f"{config['resources_dir']}/models/{MODELS[wildcards.model]['source']}/{ASSET_MARKER}"
-    return []
+    spec = ModelSpec.from_config(MODELS[wildcards.model])
+    return asset_output(spec.source) if spec.kind == "embedded" else []
 
 
 def _lookup(key):
