@@ -19,6 +19,7 @@ COMMANDS = {
     "recover": "recover",
     "evaluate": "evaluate",
     "report": "report",
+    "compare": "compare",
 }
 
 

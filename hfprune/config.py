@@ -54,6 +54,17 @@ def validate_config(config: dict, source: str = "config") -> dict:
     if errors:
         lines = [f"{source}: invalid config field {_field(e.absolute_path)!r}: {e.message}" for e in errors[:10]]
         raise ConfigError("\n".join(lines))
+    cal, raw_cal = cfg["calibration"], config.get("calibration") or {}
+    if cal["seeds"] is not None:
+        if "seed" not in raw_cal:
+            cal["seed"] = cal["seeds"][0]  # the one-seed field agrees with the axis (and a reload of this copy)
+        elif cal["seed"] not in cal["seeds"]:
+            raise ConfigError(f"{source}: invalid config field 'calibration.seed': {cal['seed']} is not in "
+                              f"calibration.seeds {cal['seeds']}; give one of the two")
+    baseline = cfg["report"]["baseline"]
+    if baseline is not None and baseline not in cfg["criteria"]:
+        raise ConfigError(f"{source}: invalid config field 'report.baseline': {baseline!r} is not one of the "
+                          f"grid's criteria ({', '.join(cfg['criteria'])})")
     names = [m["name"] for m in cfg["models"]]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -112,6 +123,39 @@ def model_entry(cfg: dict, name: str) -> dict:
         if entry["name"] == name:
             return entry
     raise ConfigError(f"model {name!r} is not in the config's models: {', '.join(m['name'] for m in cfg['models'])}")
+
+
+def calibration_seeds(cfg: dict, model: str) -> list[int]:
+    """The calibration draws of a model: its own `seeds`, else calibration.seeds, else [calibration.seed]."""
+    cal = cfg["calibration"]
+    return list(model_entry(cfg, model).get("seeds") or cal["seeds"] or [cal["seed"]])
+
+
+def cell_seeds(cfg: dict, model: str, criterion: str) -> list[int]:
+    """Seeds a criterion is scored with: every draw if its scores depend on the seed (calibration data or
+    randomness), else only the first (magnitude is scored once)."""
+    from hfprune.criteria import CRITERIA
+
+    seeds = calibration_seeds(cfg, model)
+    return seeds if CRITERIA[criterion].seeded else seeds[:1]
+
+
+def with_seed(cfg: dict, model: str, seed: int | None) -> dict:
+    """The config a job of one calibration draw runs with: calibration.seed set to `seed` (None: the model's
+    first seed), so scoring, tracking and sidecars all see the cell's seed."""
+    if seed is not None and seed < 0:
+        raise ConfigError(f"--seed {seed} must be >= 0")
+    cfg = copy.deepcopy(cfg)
+    cfg["calibration"]["seed"] = calibration_seeds(cfg, model)[0] if seed is None else seed
+    return cfg
+
+
+def baseline_criterion(cfg: dict) -> str:
+    """report.baseline, else the paper's CE where the grid has it, else the first criterion."""
+    chosen = cfg["report"]["baseline"]
+    if chosen is not None:
+        return chosen
+    return "taylor_ce" if "taylor_ce" in cfg["criteria"] else cfg["criteria"][0]
 
 
 def criterion_options(cfg: dict, criterion: str) -> dict:

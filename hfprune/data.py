@@ -12,6 +12,7 @@ Hub sources (``c4``, ``wikitext2``) are used where a hub is reachable, as in the
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import hashlib
 import json
@@ -108,40 +109,55 @@ def bos_prefix(tokenizer) -> list[int]:
 
 def token_stream(tokenizer, texts) -> list[int]:
     """All documents tokenized without special tokens and joined by EOS."""
+    return stream_with_starts(tokenizer, texts)[0]
+
+
+def stream_with_starts(tokenizer, texts) -> tuple[list[int], list[int]]:
+    """(token_stream, the stream offset where each document begins): a window's document is its cluster in
+    the paired statistics (hfprune.stats)."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
+    starts: list[int] = []
     for enc in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        starts.append(len(ids))
         ids.extend(enc)
         if eos is not None:
             ids.append(eos)
-    return ids
+    return ids, starts
 
 
-def sample_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int) -> torch.Tensor:
+def document_at(starts: list[int], offsets) -> list[int]:
+    """Index of the document each stream offset falls in."""
+    return [bisect.bisect_right(starts, int(o)) - 1 for o in offsets]
+
+
+def sample_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int, return_docs: bool = False):
     """`num_sequences` windows of `seq_len` tokens at seeded random offsets of the document stream.
 
     A BOS token is put first where the tokenizer adds one, so a window looks like an ordinary input.
-    Returns a LongTensor [num_sequences, seq_len].
+    Returns a LongTensor [num_sequences, seq_len] (and, with return_docs, the document each window starts in).
     """
     bos = bos_prefix(tokenizer)
     body = seq_len - len(bos)
-    stream = token_stream(tokenizer, texts)
+    stream, doc_starts = stream_with_starts(tokenizer, texts)
     if body <= 0 or len(stream) < body:
         raise HFPruneError(
             f"calibration text too short: {len(stream)} tokens available, {seq_len} per sequence requested "
             "(lower calibration.seq_len or choose a larger text source)")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - body + 1, (num_sequences,), generator=gen).tolist()
-    windows = [bos + stream[s:s + body] for s in starts]
-    return torch.tensor(windows, dtype=torch.long)
+    windows = torch.tensor([bos + stream[s:s + body] for s in starts], dtype=torch.long)
+    return (windows, document_at(doc_starts, starts)) if return_docs else windows
 
 
-def contiguous_chunks(tokenizer, texts, seq_len: int, max_tokens: int | None) -> torch.Tensor:
-    """Non-overlapping chunks of the document stream, in order (held-out evaluation text)."""
-    stream = token_stream(tokenizer, texts)
+def contiguous_chunks(tokenizer, texts, seq_len: int, max_tokens: int | None, return_docs: bool = False):
+    """Non-overlapping chunks of the document stream, in order (held-out evaluation text); with return_docs
+    also the document each chunk starts in."""
+    stream, doc_starts = stream_with_starts(tokenizer, texts)
     if max_tokens is not None:
         stream = stream[:max_tokens]
     n = len(stream) // seq_len
     if n == 0:
         raise HFPruneError(f"held-out text too short: {len(stream)} tokens for sequences of {seq_len}")
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    chunks = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return (chunks, document_at(doc_starts, range(0, n * seq_len, seq_len))) if return_docs else chunks

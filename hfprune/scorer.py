@@ -378,18 +378,21 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     scope = cfg["pruning"]["scope"]
     start = time.perf_counter()
     scores, n_tokens = _score(model, calibration_batches(tokens, cal["batch_size"]), [crit], scope=scope,
-                              seed=cfg["seed"], logits_chunk=cfg["scoring"]["logits_chunk"],
+                              seed=cal["seed"], logits_chunk=cfg["scoring"]["logits_chunk"],
                               gradient_checkpointing=cfg["scoring"]["gradient_checkpointing"], progress=True)
     seconds = time.perf_counter() - start
     summary = {"seconds": round(seconds, 3), "peak_memory_mb": round(_peak_memory_mb(device), 1),
                "tokens": n_tokens, "device": str(device), "dtype": cfg["dtype"]}
+    # the draw this file belongs to (the cell's seed label); `seeded` says whether the scores depend on it
     header = {"model": spec.name, "family": spec.family, "criterion": criterion, "scope": scope,
-              "calibration_sha256": token_hash, "seed": cfg["seed"]}
+              "calibration_sha256": token_hash, "seed": cfg["seed"], "calibration_seed": cal["seed"],
+              "seeded": crit.seeded}
     sidecar = {"model": spec.name, "family": spec.family, "source": spec.source, "criterion": criterion,
                "criterion_options": crit.options, "scope": scope,
                "calibration": {**({k: cal[k] for k in ("source", "num_sequences", "seq_len", "seed", "batch_size")}
                                   if crit.requires_data else {}), "tokens": n_tokens, "sha256": token_hash},
-               "seed": cfg["seed"], "dtype": cfg["dtype"], "device": str(device), "seconds": summary["seconds"],
+               "seed": cfg["seed"], "calibration_seed": cal["seed"], "seeded": crit.seeded, "dtype": cfg["dtype"],
+               "device": str(device), "seconds": summary["seconds"],
                "peak_memory_mb": summary["peak_memory_mb"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "versions": package_versions()}
     with atomic_path(out_path) as tmp:

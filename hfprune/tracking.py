@@ -268,10 +268,13 @@ class StageRun:
             self.store.call("log_artifact", self.run_id, str(path), artifact_path)
 
 
-def run_name(stage: str, criterion: str | None, ratio: float | None, recovered: bool) -> str:
+def run_name(stage: str, criterion: str | None, ratio: float | None, recovered: bool,
+             seed: int | None = None) -> str:
     from hfprune.plan import format_ratio
 
     cell = criterion or "dense"
+    if seed is not None:
+        cell += f" s{seed}"
     if ratio is not None:
         cell += f" r{format_ratio(ratio)}"
     return f"{stage}: {cell}{' +LoRA' if recovered else ''}"
@@ -315,9 +318,13 @@ def stage_run(cfg: dict, *, model: str, stage: str, criterion: str | None = None
                 "hfprune.criterion": criterion or "dense", "hfprune.recovered": str(recovered)}
         if ratio is not None:
             tags["hfprune.ratio"] = str(ratio)
+        seed = cfg["calibration"]["seed"] if criterion else None  # the dense row has no calibration draw
+        if seed is not None:
+            tags["hfprune.seed"] = str(seed)
         tags.update({HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
                      PID_START_TAG: str(_process_start(os.getpid()))})
-        child = store.call("create_run", exp_id, run_name=run_name(stage, criterion, ratio, recovered), tags=tags)
+        child = store.call("create_run", exp_id, run_name=run_name(stage, criterion, ratio, recovered, seed),
+                           tags=tags)
     except HFPruneError:
         raise  # an unreachable server: stop before any work rather than run a grid nobody can follow
     except Exception as exc:  # noqa: BLE001 - the job's files are the results; a broken store must not cost them
@@ -351,6 +358,8 @@ def cell_run(cfg: dict, model: str, stage: str, plan_path: str | os.PathLike | N
             plan = json.loads(Path(plan_path).read_text())
     criterion = plan.get("criterion") if plan else None
     ratio = plan.get("ratio") if plan else None
+    if plan and plan.get("seed") is not None:  # the cell's calibration draw, for its params and tags
+        cfg = {**cfg, "calibration": {**cfg["calibration"], "seed": plan["seed"]}}
     with stage_run(cfg, model=model, stage=stage, criterion=criterion, ratio=ratio, recovered=recovered) as run:
         if plan:
             log_plan(run, plan, plan_path)
@@ -380,14 +389,16 @@ def log_plan(run: StageRun, plan: dict, plan_path: str | os.PathLike | None = No
 
 
 def log_cell_metrics(run: StageRun, metrics: dict, metrics_path: str | os.PathLike | None = None) -> None:
-    """A metrics JSON (docs/CONTRACTS.md) as flat MLflow metrics, plus the file itself."""
+    """A metrics JSON (docs/CONTRACTS.md) as flat MLflow metrics, plus the file and its per-unit records."""
     if not run.enabled:
         return
     from hfprune.evaluation import flatten_metrics
+    from hfprune.evaluation.records import records_path
 
     run.log_metrics(flatten_metrics(metrics))
     if metrics_path is not None:
         run.log_artifact(metrics_path, "metrics")
+        run.log_artifact(records_path(metrics_path), "metrics")
 
 
 def log_scores(run: StageRun, scores_path: str | os.PathLike) -> None:

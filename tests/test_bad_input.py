@@ -192,3 +192,30 @@ def test_unreachable_tracking_server_fails_fast_naming_the_uri(tmp_path, tiny_ll
     assert not (tmp_path / "results").exists()
     proc, out = _score(tmp_path, _config(tmp_path, tiny_llama_dir), env={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0  # tracking disabled in the config: the environment's URI is not contacted
+
+
+# ---- verdict inputs: the baseline, the seed axis, `hfprune compare`
+
+@pytest.mark.parametrize(("changes", "needle"), [
+    ({"criteria": ["magnitude", "random"], "report": {"baseline": "taylor_ce"}},
+     "invalid config field 'report.baseline': 'taylor_ce' is not one of the grid's criteria (magnitude, random)"),
+    ({"calibration": {"seeds": [0, 1, 0]}}, "invalid config field 'calibration.seeds'"),
+    ({"calibration": {"seed": 3, "seeds": [0, 1]}}, "invalid config field 'calibration.seed': 3 is not in"),
+    ({"models": [{"name": "m", "family": "llama", "source": "smollm2-135m", "seeds": [2, 2]}]},
+     "invalid config field 'models[0].seeds'"),
+])
+def test_bad_baseline_or_seeds_stop_validate(tmp_path, changes, needle):
+    cfg = _config(tmp_path, "smollm2-135m", **changes)
+    err = _fails(_hfprune("validate", cfg), needle)
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_compare_on_cells_that_do_not_exist(tmp_path):
+    cfg = _config(tmp_path, "smollm2-135m", criteria=["magnitude", "random"], ratios=[0.2])
+    base = ("compare", "--config", cfg, "--model", "m", "--ratio")
+    _fails(_hfprune(*base, "0.2", "random", "magnitude"),
+           "cell m / random / ratio 0.2 / seed 0 has not been evaluated:", "metrics/m/random/s0/r0.2.json")
+    _fails(_hfprune(*base, "0.2", "random", "taylor_ce"), "cell 'taylor_ce' is not in the config's criteria")
+    _fails(_hfprune(*base, "0.3", "random", "magnitude"), "--ratio 0.3 is not one of the config's ratios (0.2)")
+    _fails(_hfprune(*base, "0.2", "random", "random"), "compare needs two different cells")
+    _nothing_under(tmp_path / "results")

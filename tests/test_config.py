@@ -25,7 +25,7 @@ def test_defaults_are_filled_without_touching_the_input():
     cfg = validate_config(raw)
     assert "calibration" not in raw
     assert cfg["calibration"] == {"source": "calibration", "num_sequences": 16, "seq_len": 128, "batch_size": 4,
-                                  "seed": 0}
+                                  "seed": 0, "seeds": None}
     assert cfg["criterion_options"]["taylor_kd"] == {"alpha": 0.4, "temperature": 0.2, "preprune_ratio": 0.01}
     assert cfg["pruning"]["allocation"] == "uniform" and cfg["evaluation"]["suite"] == "offline7"
 

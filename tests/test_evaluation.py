@@ -16,6 +16,7 @@ from hfprune.evaluation import flatten_metrics, mlflow_name, run_evaluation
 from hfprune.evaluation.efficiency import efficiency, macs_per_token, param_counts
 from hfprune.evaluation.fidelity import fidelity, position_metrics
 from hfprune.evaluation.perplexity import perplexity
+from hfprune.evaluation.records import read_records, records_path
 from hfprune.evaluation.runner import subsample
 from hfprune.plan import make_plan
 from hfprune.surgery import prune_model
@@ -175,7 +176,7 @@ def test_run_evaluation_dense_and_pruned_cells(tiny_dir, tmp_path):
     dense_out = tmp_path / "metrics" / "dense.json"
     dense = run_evaluation(cfg, "tiny", out_path=dense_out)
     assert json.loads(dense_out.read_text())["cell"] == {"model": "tiny", "family": "llama", "criterion": "dense",
-                                                         "ratio": 0.0, "recovered": False}
+                                                         "ratio": 0.0, "recovered": False, "seed": None}
     assert dense["fidelity"] is None and dense["efficiency"]["params_ratio"] == 1.0
     row = dense["tasks"]["offline_arc_easy"]
     assert row["metric"] == "acc_norm" and row["n"] == 3 and 0 <= row["value"] <= 1
@@ -194,6 +195,23 @@ def test_run_evaluation_dense_and_pruned_cells(tiny_dir, tmp_path):
     assert pruned["perplexity"]["wiki"]["ppl"] != dense["perplexity"]["wiki"]["ppl"]
     assert set(flatten_metrics(pruned)) >= {"task/offline_arc_easy/acc_norm", "ppl/wiki", "fidelity/kl",
                                             "eff/prefill_ms_ratio", "average"}
+
+    # per-unit records beside each metrics JSON: their means are the cell's metrics, computed independently
+    for result, out in ((dense, dense_out), (pruned, tmp_path / "r.json")):
+        units = read_records(records_path(out))
+        acc = units[units["measure"] == "acc"]
+        assert sorted(acc["unit"].astype(int)) == result["meta"]["subsample_indices"]["offline_arc_easy"]
+        assert acc["value"].mean() == pytest.approx(result["tasks"]["offline_arc_easy"]["value"])
+        assert all(len(lls) == 4 for lls in acc["choice_loglik"])  # ARC-Easy docs here have 4 choices
+        gold = units[units["measure"] == "gold_prob"]["value"]
+        assert len(gold) == 3 and gold.between(0, 1).all()
+        ppl = units[units["measure"] == "logppl"]
+        assert len(ppl) == result["perplexity"]["wiki"]["windows"]
+        assert math.exp(ppl["value"].mean()) == pytest.approx(result["perplexity"]["wiki"]["ppl"], rel=1e-9)
+    fid = read_records(records_path(tmp_path / "r.json"))
+    for measure, key in (("js", "js_distance"), ("jaccard", "topk_jaccard"), ("kl", "kl")):
+        assert fid[fid["measure"] == measure]["value"].mean() == pytest.approx(pruned["fidelity"][key], rel=1e-9)
+    assert "per_prompt" not in pruned["fidelity"] and "window_nll" not in pruned["perplexity"]["wiki"]
 
 
 def test_cli_evaluate_writes_metrics(tiny_dir, tmp_path, monkeypatch):

@@ -16,20 +16,29 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from hfprune import report
+from hfprune import comparisons, report
 from hfprune.cli import main as cli_main
-from hfprune.config import validate_config
+from hfprune.config import cell_seeds, validate_config
 from hfprune.errors import HFPruneError
 from hfprune.evaluation.efficiency import efficiency
 from hfprune.evaluation.fidelity import fidelity
 from hfprune.evaluation.perplexity import perplexity
+from hfprune.evaluation.records import (
+    fidelity_records,
+    perplexity_records,
+    read_records,
+    records_path,
+    write_records,
+)
 from hfprune.plan import format_ratio, make_plan
 from hfprune.runtime import write_json
 from hfprune.scorer import score_model
+from hfprune.stats import holm, paired_difference
 from hfprune.surgery import prune_model
 
 TASKS = {"offline_arc_easy": ("arc_easy", "acc_norm"), "offline_boolq": ("boolq", "acc")}
 N_DOCS = 50
+SEEDS = [0, 1]
 
 
 def _config(tmp_path, **overrides) -> dict:
@@ -37,67 +46,99 @@ def _config(tmp_path, **overrides) -> dict:
            "models": [{"name": "tiny", "family": "llama", "source": str(tmp_path / "tiny"),
                        "paper_name": "Llama-2-7B"}],
            "criteria": ["magnitude", "random"], "ratios": [0.2, 0.3],
+           "calibration": {"seeds": SEEDS},
            "evaluation": {"efficiency": {"enabled": True}}}
     cfg.update(overrides)
     return validate_config(cfg)
 
 
-def _accuracy(seed: int) -> dict:
+def _tasks(seed: int) -> tuple[dict, list[dict]]:
+    """Made-up per-doc outcomes (lm-eval's part) and the task rows they imply, with a binomial stderr."""
     gen = torch.Generator().manual_seed(seed)
-    tasks = {}
+    tasks, rows = {}, []
     for task, (column, metric) in TASKS.items():
-        acc = int(torch.randint(10, 40, (1,), generator=gen)) / N_DOCS
+        outcomes = (torch.rand(N_DOCS, generator=gen) < 0.3 + 0.4 * torch.rand(1, generator=gen)).double()
+        gold = torch.rand(N_DOCS, generator=gen).double()
+        for i in range(N_DOCS):
+            base = {"group": task, "unit": str(i), "cluster": f"doc:{i}", "weight": 1.0, "choice_loglik": [-1.0, -2.0]}
+            rows += [{**base, "measure": "acc", "value": outcomes[i].item()},
+                     {**base, "measure": "gold_prob", "value": gold[i].item()}]
+        acc = outcomes.mean().item()
         tasks[task] = {"metric": metric, "value": acc, "stderr": math.sqrt(acc * (1 - acc) / (N_DOCS - 1)),
                        "n": N_DOCS, "column": column}
-    return tasks
+    return tasks, rows
 
 
-def _metrics(dense, model, cell: dict, plan: dict | None, ids: torch.Tensor, seed: int) -> dict:
-    tasks = _accuracy(seed)
+def _write_cell(path, dense, model, cell: dict, plan: dict | None, ids: torch.Tensor, seed: int) -> None:
+    """A metrics JSON and its per-unit records, perplexity / fidelity / efficiency from the real code."""
+    tasks, rows = _tasks(seed)
     pruned = plan is not None
-    return {"cell": cell, "tasks": tasks, "average": sum(t["value"] for t in tasks.values()) / len(tasks),
-            "perplexity": {"wiki": perplexity(model, ids)},
-            "fidelity": fidelity(dense, model, ids, top_k=5) if pruned else None,
-            "efficiency": efficiency(dense, model if pruned else None, prefill_tokens=16, decode_batch=2,
-                                     decode_tokens=2, repeats=1),
-            "meta": {"achieved_ratio": plan["achieved_ratio"] if pruned else 0.0}}
+    ppl = perplexity(model, ids)
+    ppl["window_doc"] = [i // 2 for i in range(ids.shape[0])]  # two windows per document
+    rows += perplexity_records("wiki", ppl)
+    del ppl["window_nll"], ppl["window_doc"]
+    fid = None
+    if pruned:
+        fid = fidelity(dense, model, ids, top_k=5)
+        fid.update(source="lambada", prompt_doc=list(range(ids.shape[0])))
+        rows += fidelity_records(fid)
+        del fid["per_prompt"], fid["prompt_doc"]
+    metrics = {"cell": cell, "tasks": tasks, "average": sum(t["value"] for t in tasks.values()) / len(tasks),
+               "perplexity": {"wiki": ppl}, "fidelity": fid,
+               "efficiency": efficiency(dense, model if pruned else None, prefill_tokens=16, decode_batch=2,
+                                        decode_tokens=2, repeats=3),
+               "meta": {"achieved_ratio": plan["achieved_ratio"] if pruned else 0.0}}
+    write_records(records_path(path), rows)
+    write_json(path, metrics)
 
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
-    """results/rep/ with scores sidecars, plans and metrics for dense + 2 criteria x 2 ratios (+ recovered
-    rows for magnitude), and a stale cell from an earlier config that the report must ignore."""
+    """results/rep/ as the workflow lays it out: score sidecars, plans, metrics and records for dense + 2
+    criteria x 2 ratios (random over 2 calibration seeds, magnitude once; recovered rows for magnitude), and a
+    stale cell from an earlier config that the report must ignore."""
     tmp_path = tmp_path_factory.mktemp("report")
     cfg = _config(tmp_path)
     exp = report.experiment_dir(cfg)
     dense = tiny_model("llama")
-    ids = torch.randint(0, dense.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
-    write_json(exp / "metrics/tiny/dense.json",
-               _metrics(dense, dense, {"model": "tiny", "family": "llama", "criterion": "dense", "ratio": 0.0,
-                                       "recovered": False}, None, ids, seed=0))
+    ids = torch.randint(0, dense.config.vocab_size, (8, 24), generator=torch.Generator().manual_seed(0))
+    _write_cell(exp / "metrics/tiny/dense.json", dense, dense,
+                {"model": "tiny", "family": "llama", "criterion": "dense", "ratio": 0.0, "recovered": False,
+                 "seed": None}, None, ids, seed=0)
     for c, crit in enumerate(cfg["criteria"]):
-        scores = score_model(dense, [], [crit], seed=c)[crit]
-        write_json(exp / f"scores/tiny/{crit}.json", {"model": "tiny", "criterion": crit, "seconds": 1.5 + c,
-                                                      "peak_memory_mb": 512.0, "device": "cpu",
-                                                      "calibration": {"tokens": 0}})
-        for r, ratio in enumerate(cfg["ratios"]):
-            plan = make_plan(scores, dense.config, ratio, "llama", meta={"model": "tiny", "criterion": crit})
-            write_json(exp / f"plans/tiny/{crit}/r{format_ratio(ratio)}.json", plan)
-            pruned = prune_model(copy.deepcopy(dense), plan)
-            cell = {"model": "tiny", "family": "llama", "criterion": crit, "ratio": ratio, "recovered": False}
-            write_json(exp / f"metrics/tiny/{crit}/r{format_ratio(ratio)}.json",
-                       _metrics(dense, pruned, cell, plan, ids, seed=10 * c + r + 1))
-            if crit == "magnitude":
-                write_json(exp / f"metrics/tiny/{crit}/r{format_ratio(ratio)}.recovered.json",
-                           _metrics(dense, pruned, {**cell, "recovered": True}, plan, ids, seed=100 + r))
-    stale = json.loads((exp / "metrics/tiny/random/r0.2.json").read_text())
-    stale["cell"]["criterion"] = "taylor_ce"
-    write_json(exp / "metrics/tiny/taylor_ce/r0.2.json", stale)
+        for seed in cell_seeds(cfg, "tiny", crit):
+            scores = score_model(dense, [], [crit], seed=seed)[crit]
+            write_json(exp / f"scores/tiny/{crit}/s{seed}.json",
+                       {"model": "tiny", "criterion": crit, "seconds": 1.5 + c + seed, "peak_memory_mb": 512.0,
+                        "device": "cpu", "calibration": {"tokens": 0}})
+            for r, ratio in enumerate(cfg["ratios"]):
+                plan = make_plan(scores, dense.config, ratio, "llama",
+                                 meta={"model": "tiny", "criterion": crit, "seed": seed})
+                write_json(exp / f"plans/tiny/{crit}/s{seed}/r{format_ratio(ratio)}.json", plan)
+                pruned = prune_model(copy.deepcopy(dense), plan)
+                cell = {"model": "tiny", "family": "llama", "criterion": crit, "ratio": ratio, "recovered": False,
+                        "seed": seed}
+                base = exp / f"metrics/tiny/{crit}/s{seed}/r{format_ratio(ratio)}"
+                _write_cell(base.with_name(base.name + ".json"), dense, pruned, cell, plan, ids, seed=100 * c + 10 * seed + r)
+                if crit == "magnitude":
+                    _write_cell(base.with_name(base.name + ".recovered.json"), dense, pruned,
+                                {**cell, "recovered": True}, plan, ids, seed=1000 + r)
+    stale = exp / "metrics/tiny/random/s0/r0.2.json"
+    data = json.loads(stale.read_text())
+    data["cell"]["criterion"] = "taylor_ce"
+    write_json(exp / "metrics/tiny/taylor_ce/s0/r0.2.json", data)
     return cfg
 
 
 def _read(path):
     return json.loads(path.read_text())
+
+
+def _seed_runs(exp, crit: str, ratio: float, recovered: bool = False) -> list[dict]:
+    suffix = ".recovered" if recovered else ""
+    if crit == "dense":
+        return [_read(exp / "metrics/tiny/dense.json")]
+    return [_read(p) for p in sorted((exp / f"metrics/tiny/{crit}").glob(f"s*/r{format_ratio(ratio)}{suffix}.json"))]
 
 
 def test_main_table_has_every_cell_with_accuracy_ppl_fidelity_and_params(experiment, tmp_path):
@@ -109,21 +150,36 @@ def test_main_table_has_every_cell_with_accuracy_ppl_fidelity_and_params(experim
     assert ours["method"].tolist() == ["dense", "magnitude", "magnitude +LoRA", "random",
                                        "magnitude", "magnitude +LoRA", "random"]
     assert ours["fine_tuned"].tolist()[:3] == ["not fine-tuned", "no", "LoRA"]
+    assert ours["seeds"].tolist() == [1, 1, 1, 2, 1, 1, 2] and (ours["n_docs"] == N_DOCS).all()
     exp = report.experiment_dir(cfg)
     for _, row in ours.iterrows():
         crit = row["method"].split()[0]
-        name = "dense.json" if crit == "dense" else (
-            f"{crit}/r{format_ratio(row['ratio'])}{'.recovered' if 'LoRA' in row['method'] else ''}.json")
-        metrics = _read(exp / "metrics/tiny" / name)
-        assert row["arc_easy"] == pytest.approx(100 * metrics["tasks"]["offline_arc_easy"]["value"])
-        assert row["boolq_stderr"] == pytest.approx(100 * metrics["tasks"]["offline_boolq"]["stderr"])
-        assert row["average"] == pytest.approx(100 * metrics["average"])
-        assert row["ppl_wiki"] == pytest.approx(metrics["perplexity"]["wiki"]["ppl"])
-        assert row["params"] == metrics["efficiency"]["params"]
+        runs = _seed_runs(exp, crit, row["ratio"], "LoRA" in row["method"])
+
+        def mean(f, runs=runs):  # over the cell's calibration seeds
+            return sum(f(m) for m in runs) / len(runs)
+
+        assert row["arc_easy"] == pytest.approx(100 * mean(lambda m: m["tasks"]["offline_arc_easy"]["value"]))
+        assert row["average"] == pytest.approx(100 * mean(lambda m: m["average"]))
+        assert row["boolq_lo"] < row["boolq"] < row["boolq_hi"] and row["average_lo"] < row["average"]
+        geo = math.exp(mean(lambda m: math.log(m["perplexity"]["wiki"]["ppl"])))
+        assert row["ppl_wiki"] == pytest.approx(geo)
+        assert row["params"] == runs[0]["efficiency"]["params"]
         if crit != "dense":
-            assert row["js_distance"] == pytest.approx(metrics["fidelity"]["js_distance"])
+            assert row["js_distance"] == pytest.approx(mean(lambda m: m["fidelity"]["js_distance"]))
+        if crit == "random":
+            assert row["ppl_wiki_sd"] > 0  # two draws, two different plans
+    # the Wilson interval of a task, from the per-doc records averaged over seeds
+    from statsmodels.stats.proportion import proportion_confint
+
+    row = ours[(ours["method"] == "random") & (ours["ratio"] == 0.2)].iloc[0]
+    docs = pd.concat(read_records(records_path(p)) for p in
+                     sorted((exp / "metrics/tiny/random").glob("s*/r0.2.json")))
+    acc = docs[(docs["measure"] == "acc") & (docs["group"] == "offline_boolq")].groupby("unit")["value"].mean()
+    lo, hi = proportion_confint(acc.sum(), len(acc), method="wilson")
+    assert (row["boolq_lo"], row["boolq_hi"]) == pytest.approx((100 * lo, 100 * hi))
     # efficiency's parameter count and the plan's agree (two independent countings)
-    plan = _read(exp / "plans/tiny/random/r0.3.json")
+    plan = _read(exp / "plans/tiny/random/s0/r0.3.json")
     assert ours[(ours["method"] == "random") & (ours["ratio"] == 0.3)]["params"].item() == plan["params_pruned"]
     # the paper's Table 1 rows for the configured ratios sit beside ours, with the paper's other tasks
     paper = table[table["source"] == "paper"]
@@ -131,8 +187,52 @@ def test_main_table_has_every_cell_with_accuracy_ppl_fidelity_and_params(experim
     assert hf["arc_challenge"].item() == 47.1 and hf["average"].item() == 59.0 and hf["fine_tuned"].item() == "LoRA"
     assert set(paper["ratio"]) == {0.0, 0.2, 0.3} and "truthfulqa_mc2" in table.columns
     text = md.read_text()
-    assert "random/r0.2 +LoRA" in text and "random/r0.3 +LoRA" in text  # configured, not evaluated
+    assert "random/r0.2/s0 +LoRA" in text and "random/r0.3/s1 +LoRA" in text  # configured, not evaluated
     assert "taylor_ce" not in set(table["method"])  # the stale cell is not in this config
+
+
+def test_verdicts_come_first_and_equal_an_independent_paired_computation(experiment, tmp_path):
+    md = report.write_report(experiment, tmp_path / "out")
+    text = md.read_text()
+    assert text.index("## Verdicts") < text.index("# Tables and plots")
+    assert "random − magnitude" in text and "random − dense" in text and "Smallest detectable" in text
+    detail = pd.read_csv(tmp_path / "out/tables/tiny.verdict.r0.2.csv")
+    row = detail[(detail["family"] == "baseline") & (detail["measure"] == "logppl:wiki")].iloc[0]
+    assert (row["a"], row["b"], row["pairs"]) == ("random", "magnitude", 2)
+    # by hand: seed s of random minus magnitude's one draw, window by window, clustered by document
+    exp = report.experiment_dir(experiment)
+    mag = read_records(records_path(exp / "metrics/tiny/magnitude/s0/r0.2.json"))
+    diffs, clusters = [], []
+    for seed in SEEDS:
+        rnd = read_records(records_path(exp / f"metrics/tiny/random/s{seed}/r0.2.json"))
+        a, b = (f[f["measure"] == "logppl"].set_index("unit") for f in (rnd, mag))
+        diffs += list(a["value"] - b.loc[a.index, "value"])
+        clusters += list(a["cluster"])
+    ref = paired_difference(diffs, clusters)
+    assert (row["diff"], row["lo"], row["hi"], row["p"]) == pytest.approx((ref.diff, ref.lo, ref.hi, ref.p))
+    assert row["clusters"] == 4 and row["n"] == 16
+    # the per-task rows and the table's own Holm family
+    assert {"acc:offline_boolq", "gold_prob:average", "js:lambada"} <= set(detail["measure"])
+    for family, group in detail.groupby("family"):
+        assert list(group["p_holm"]) == pytest.approx(list(holm(group["p"])))
+    plots = tmp_path / "out/plots"
+    assert (plots / "tiny.forest.png").stat().st_size > 5000 and (plots / "tiny.rank_stability.png").is_file()
+
+
+def test_compare_prints_the_reports_numbers(experiment, tmp_path, capsys):
+    report.write_report(experiment, tmp_path / "out")
+    detail = pd.read_csv(tmp_path / "out/tables/tiny.verdict.r0.2.csv")
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(experiment))
+    assert cli_main(["compare", "--config", str(cfg_file), "--model", "tiny", "--ratio", "0.2", "--all",
+                     "random", "magnitude"]) == 0
+    out = capsys.readouterr().out
+    for _, row in detail[detail["family"] == "baseline"].iterrows():
+        line = next(x for x in out.splitlines() if x.startswith(f"| {row['label']} "))
+        assert comparisons.format_difference(row) in line and f"{row['p_holm']:.3g}" in line, line
+    assert cli_main(["compare", "--config", str(cfg_file), "--model", "tiny", "--ratio", "0.3", "random",
+                     "dense"]) == 0
+    assert "JS lambada" in capsys.readouterr().out
 
 
 def test_ablation_fidelity_efficiency_and_scoring_tables(experiment, tmp_path):
@@ -141,18 +241,22 @@ def test_ablation_fidelity_efficiency_and_scoring_tables(experiment, tmp_path):
     exp = report.experiment_dir(experiment)
     ablation = pd.read_csv(tables / "tiny.ablation.csv")
     assert ablation["ratio"].tolist() == [0.2, 0.3]
-    assert ablation.loc[1, "random"] == pytest.approx(100 * _read(exp / "metrics/tiny/random/r0.3.json")["average"])
+    runs = _seed_runs(exp, "random", 0.3)
+    assert ablation.loc[1, "random"] == pytest.approx(100 * sum(m["average"] for m in runs) / len(runs))
+    assert ablation.loc[0, "magnitude_mark"] == "(baseline)" and ablation.loc[0, "random_mark"] in ("≈", "**better**",
+                                                                                                 "**worse**")
     assert ablation.loc[0, "taylor_entropy (IE, paper)"] == 53.1 and ablation.loc[1, "taylor_ce (CE, paper)"] == 46.8
     fid = pd.read_csv(tables / "tiny.fidelity.csv")
     assert fid.loc[0, "magnitude JS"] == pytest.approx(
-        _read(exp / "metrics/tiny/magnitude/r0.2.json")["fidelity"]["js_distance"])
+        _read(exp / "metrics/tiny/magnitude/s0/r0.2.json")["fidelity"]["js_distance"])
     assert fid.loc[1, "taylor_entropy (IE, paper, top-15) Jaccard"] == 0.595
     eff = pd.read_csv(tables / "tiny.efficiency.csv")
     ours = eff[eff["source"] == "ours"]
     assert len(ours) == 5 and (ours[ours["ratio"] > 0]["params_ratio"] < 1).all()
+    assert (ours["prefill_ms_ratio_min"] <= ours["prefill_ms_ratio_max"]).all()
     assert eff[eff["source"] == "paper"]["prefill_ms"].tolist() == [57.5, 46.3, 42.1]
     cost = pd.read_csv(tables / "scoring_cost.csv")
-    assert cost[cost["source"] == "ours"]["seconds"].tolist() == [1.5, 2.5]
+    assert cost[cost["source"] == "ours"]["seconds"].tolist() == [1.5, 3.0]  # random: mean of 2.5 and 3.5
     assert cost[cost["source"] == "paper"]["seconds"].tolist() == [508.9, 1539.8]
 
 
@@ -161,12 +265,14 @@ def test_formats_links_and_plots(experiment, tmp_path):
     root = md.parent
     main_md = (root / "tables/tiny.main.md").read_text()
     assert "| dense " in main_md and "±" in main_md and "HFPrune (paper)" in main_md
+    assert re.search(r"\| \d+\.\d \[\d+\.\d, \d+\.\d\] \|", main_md)  # an accuracy with its CI
     tex = (root / "tables/tiny.main.tex").read_text()
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex and r"fine\_tuned" in tex and "±" not in tex
     text = md.read_text()
     links = re.findall(r"\]\(([^)]+)\)", text)
     assert {"tables/tiny.main.csv", "tables/tiny.ablation.tex", "plots/tiny.avg_vs_ratio.png",
-            "plots/tiny.ppl_vs_ratio.png", "plots/tiny.neurons_kept.png"} <= set(links)
+            "plots/tiny.ppl_vs_ratio.png", "plots/tiny.neurons_kept.png", "plots/tiny.forest.png",
+            "tables/tiny.verdict.r0.2.csv"} <= set(links)
     assert all((root / link).is_file() for link in links)
     for png in root.glob("plots/*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
@@ -203,10 +309,14 @@ def test_grid_without_accuracy_reports_perplexity_only(experiment, tmp_path):
     src, dst = report.experiment_dir(experiment), report.experiment_dir(cfg)
     for path in src.rglob("*.json"):
         data = _read(path)
-        if "tasks" in data:
+        if "tasks" in data and records_path(path).is_file():
             data.update(tasks={}, average=None)
+            units = read_records(records_path(path))
+            write_records(records_path(dst / path.relative_to(src)),
+                          units[~units["measure"].isin(["acc", "gold_prob"])].to_dict("records"))
         write_json(dst / path.relative_to(src), data)
     md = report.write_report(cfg, tmp_path / "out")
     links = set(re.findall(r"\]\(([^)]+)\)", md.read_text()))
     assert "plots/tiny.ppl_vs_ratio.png" in links and "plots/tiny.avg_vs_ratio.png" not in links
+    assert "acc (pp)" not in md.read_text() and "log-ppl wiki" in md.read_text()
     assert not (tmp_path / "out/plots/tiny.avg_vs_ratio.png").exists()

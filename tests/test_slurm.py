@@ -19,6 +19,8 @@ import pytest
 import yaml
 from slurm_cluster import SlurmCluster, slurm_fixture  # noqa: F401  (provides the fixture `slurm`)
 
+from hfprune.config import cell_seeds, validate_config
+
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,9 +127,10 @@ def test_smoke_workflow_through_slurm_profile(slurm: SlurmCluster, tmp_path: Pat
         "--set-resources", *(f"{rule}:mem_mb=4000" for rule in heavy),
         timeout=1800)
 
-    n_models, n_crit, n_cells = len(cfg["models"]), len(cfg["criteria"]), len(cfg["criteria"]) * len(cfg["ratios"])
-    expected = {"score": n_models * n_crit, "plan": n_models * n_cells, "evaluate_dense": n_models,
-                "evaluate_pruned": n_models * n_cells, "report": 1}
+    full = validate_config(cfg)
+    scored = [(m["name"], c, s) for m in full["models"] for c in full["criteria"] for s in cell_seeds(full, m["name"], c)]
+    n_models, n_crit, n_cells = len(cfg["models"]), len(scored), len(scored) * len(cfg["ratios"])
+    expected = {"score": n_crit, "plan": n_cells, "evaluate_dense": n_models, "evaluate_pruned": n_cells, "report": 1}
     assert Counter(jobs.values()) == expected, jobs
     for job_id, rule in jobs.items():
         gpu_request = cluster.job_info(job_id).get("TresPerJob")
@@ -135,18 +138,17 @@ def test_smoke_workflow_through_slurm_profile(slurm: SlurmCluster, tmp_path: Pat
 
     assert (exp / "report" / "report.md").is_file()
     metrics = sorted((exp / "metrics").rglob("*.json"))
-    assert len(metrics) == n_models * (1 + n_cells)
+    assert len(metrics) == n_models + n_cells
     for path in metrics:
         cell = json.loads(path.read_text())["cell"]
         assert cell["model"] in {m["name"] for m in cfg["models"]}, path
-    for model in cfg["models"]:
-        for criterion in cfg["criteria"]:
-            assert (exp / "scores" / model["name"] / f"{criterion}.safetensors").is_file()
+    for model, criterion, seed in scored:
+        assert (exp / "scores" / model / criterion / f"s{seed}.safetensors").is_file()
     assert not list(exp.rglob(".*")), "atomic_path temp dirs left behind"
 
     client = MlflowClient(f"sqlite:///{db}")
     runs = client.search_runs([client.get_experiment_by_name(cfg["experiment"]).experiment_id],
                               max_results=1000)
     stages = Counter(r.data.tags.get("hfprune.stage") for r in runs if r.data.tags.get("hfprune.role") == "job")
-    assert stages == {"score": n_models * n_crit, "evaluate": n_models * (1 + n_cells)}, stages
+    assert stages == {"score": n_crit, "evaluate": n_models + n_cells}, stages
     assert {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]

@@ -96,7 +96,7 @@ def test_parent_and_child_runs_with_params_metrics_and_artifacts(store_dir):
 
     cell = client.get_run(run.run_id)
     kept = [len(layer["mlp_keep"]) for layer in plan["layers"]]
-    assert cell.info.run_name == "evaluate: magnitude r0.2"
+    assert cell.info.run_name == "evaluate: magnitude s0 r0.2"  # the cell's calibration draw label
     p = cell.data.params
     assert (p["model"], p["family"], p["criterion"], p["ratio"], p["allocation"]) == (
         "tiny", "llama", "magnitude", "0.2", "uniform")

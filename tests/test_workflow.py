@@ -3,6 +3,7 @@ and (marked `workflow`) a real run of config/smoke.yaml end to end, then a secon
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -14,6 +15,9 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import experiment_runs
+
+from hfprune import comparisons
+from hfprune.config import cell_seeds, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
@@ -42,10 +46,13 @@ def _parents_by_rule(rules, parents, job) -> Counter:
     return Counter(rules[p] for p in parents[job])
 
 
-def _check_shape(rules, parents, n_models: int, n_criteria: int, n_ratios: int, recovery: bool, assets: int):
+def _check_shape(rules, parents, cfg: dict, recovery: bool, assets: int):
     count = Counter(rules.values())
-    cells = n_models * n_criteria * n_ratios
-    assert count["score"] == n_models * n_criteria  # once per model x criterion, not per ratio
+    cfg = validate_config(cfg)
+    n_models, n_ratios = len(cfg["models"]), len(cfg["ratios"])
+    scored = sum(len(cell_seeds(cfg, m["name"], c)) for m in cfg["models"] for c in cfg["criteria"])
+    cells = scored * n_ratios
+    assert count["score"] == scored  # once per model x criterion x calibration seed, not per ratio
     assert count["plan"] == count["evaluate_pruned"] == cells
     assert count["evaluate_dense"] == n_models
     assert count["recover"] == count["evaluate_recovered"] == (cells if recovery else 0)
@@ -76,9 +83,13 @@ def test_default_grid_dag(tmp_path):
     cfg = yaml.safe_load((ROOT / "config/default.yaml").read_text())
     # an empty resources folder: both embedded models need their one assets job
     rules, parents = _dag(tmp_path, ROOT / "config/default.yaml", f"resources_dir={tmp_path / 'res'}")
-    _check_shape(rules, parents, len(cfg["models"]), len(cfg["criteria"]), len(cfg["ratios"]), recovery=False,
-                 assets=2)
+    _check_shape(rules, parents, cfg, recovery=False, assets=2)
     assert len(cfg["models"]) == 2 and len(cfg["criteria"]) >= 5 and len(cfg["ratios"]) >= 2
+    # at least one model runs >= 3 calibration seeds for every Taylor criterion; magnitude is scored once
+    full = validate_config(cfg)
+    assert any(all(len(cell_seeds(full, m["name"], c)) >= 3 for c in full["criteria"] if c.startswith("taylor_"))
+               for m in full["models"])
+    assert all(len(cell_seeds(full, m["name"], "magnitude")) == 1 for m in full["models"])
 
 
 @pytest.mark.parametrize("recovery", [True, False])
@@ -88,7 +99,25 @@ def test_paper_grid_dag(tmp_path, recovery):
     path = tmp_path / "paper.yaml"
     path.write_text(yaml.safe_dump(cfg))
     rules, parents = _dag(tmp_path, path)
-    _check_shape(rules, parents, 7, 3, 3, recovery=recovery, assets=0)  # hub models: no assets job
+    assert (len(cfg["models"]), len(cfg["criteria"]), len(cfg["ratios"])) == (7, 3, 3)
+    _check_shape(rules, parents, cfg, recovery=recovery, assets=0)  # hub models: no assets job
+
+
+def test_calibration_seeds_are_an_axis(tmp_path):
+    """Seeded criteria get a score, plan and evaluation per seed; magnitude (no data, no randomness) one;
+    a model's own `seeds` replaces the grid's."""
+    cfg = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
+    cfg["criteria"] = ["magnitude", "random", "taylor_entropy"]
+    cfg["calibration"]["seeds"] = [0, 1, 2]
+    cfg["models"].append({"name": "second", "family": "llama", "source": "smollm2-135m", "seeds": [5]})
+    path = tmp_path / "seeds.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rules, _ = _dag(tmp_path, path)
+    count = Counter(rules.values())
+    assert count["score"] == count["plan"] == count["evaluate_pruned"] == (1 + 3 + 3) + (1 + 1 + 1)
+    out = _snakemake(tmp_path, "-n", "--configfile", str(path)).stdout
+    assert "scores/smollm2-135m/taylor_entropy/s2.safetensors" in out and "--seed 2" in out
+    assert "scores/second/random/s5.safetensors" in out and "scores/smollm2-135m/magnitude/s1" not in out
 
 
 def test_gpu_jobs_ask_for_a_gpu_and_run_under_a_slot(tmp_path):
@@ -156,24 +185,45 @@ def test_smoke_workflow_end_to_end(tmp_path, smollm2_dir):
             assert (report_dir / f"tables/smollm2-135m.{name}.{fmt}").stat().st_size > 0
     for plot in ("avg_vs_ratio", "ppl_vs_ratio", "neurons_kept"):
         assert (report_dir / f"plots/smollm2-135m.{plot}.png").read_bytes()[:4] == b"\x89PNG"
-    assert "configured cell(s) have no metrics" not in (report_dir / "report.md").read_text()
-    # every job left its log and benchmark
-    assert len(list((exp / "logs").rglob("*.log"))) == len(list((exp / "benchmarks").rglob("*.tsv"))) == 8
+    text = (report_dir / "report.md").read_text()
+    assert "have no metrics" not in text
+    # verdicts first: taylor_entropy vs the baseline (magnitude, the first criterion: the grid has no taylor_ce)
+    # and vs dense, each difference with its CI, over 2 calibration seeds
+    assert text.index("## Verdicts") < text.index("# Tables and plots")
+    verdict = re.search(r"^\| taylor_entropy − magnitude \| 2 .*$", text, re.MULTILINE)
+    assert verdict and re.search(r"[+-]\d+\.\d{3} \[[+-]\d+\.\d{3}, [+-]\d+\.\d{3}\]", verdict.group(0))
+    detail = pd.read_csv(report_dir / "tables/smollm2-135m.verdict.r0.2.csv")
+    assert {"logppl:wiki", "js:lambada", "acc:average", "gold_prob:offline_boolq"} <= set(detail["measure"])
+    # `hfprune compare` prints the report's numbers for the same pair
+    compare = subprocess.run([sys.executable, "-m", "hfprune.cli", "compare", "--config",
+                              str(exp / "config.yaml"), "--model", "smollm2-135m", "--ratio", "0.2",
+                              "taylor_entropy", "magnitude"], cwd=tmp_path, capture_output=True, text=True,
+                             check=False)
+    assert compare.returncode == 0, compare.stderr
+    for _, row in detail[(detail["family"] == "baseline") & detail["measure"].isin(
+            ["logppl:wiki", "js:lambada", "acc:average"])].iterrows():
+        line = next(x for x in compare.stdout.splitlines() if x.startswith(f"| {row['label']} "))
+        assert comparisons.format_difference(row) in line, (line, row.to_dict())
+    # every job left its log and benchmark (3 score, 3 plan, 4 evaluate, 1 report)
+    assert len(list((exp / "logs").rglob("*.log"))) == len(list((exp / "benchmarks").rglob("*.tsv"))) == 11
+    assert len(list((exp / "metrics").rglob("*.units.parquet"))) == 4
 
     # MLflow: one parent run for the model, a child per score and per evaluate job, all finished
     runs = experiment_runs(tmp_path / "results/mlflow.db", cfg["experiment"])
     parents = [r for r in runs if r.data.tags.get("hfprune.role") == "parent"]
     children = [r for r in runs if r.data.tags.get("hfprune.role") == "job"]
-    assert len(parents) == 1 and len(children) == 2 + 3
+    assert len(parents) == 1 and len(children) == 3 + 4
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert {r.info.status for r in runs} == {"FINISHED"}
     evaluations = {c.info.run_name: c for c in children if c.data.tags["hfprune.stage"] == "evaluate"}
-    assert set(evaluations) == {"evaluate: dense", "evaluate: magnitude r0.2", "evaluate: taylor_entropy r0.2"}
-    cell = evaluations["evaluate: taylor_entropy r0.2"].data
+    assert set(evaluations) == {"evaluate: dense", "evaluate: magnitude s0 r0.2", "evaluate: taylor_entropy s0 r0.2",
+                                "evaluate: taylor_entropy s1 r0.2"}
+    seeds = [evaluations[f"evaluate: taylor_entropy s{s} r0.2"].data for s in (0, 1)]
     table_row = main[main["method"] == "taylor_entropy"].iloc[0]
-    assert cell.metrics["average"] * 100 == pytest.approx(table_row["average"])
-    assert cell.metrics["ppl/wiki"] == pytest.approx(table_row["ppl_wiki"])
-    assert int(cell.params["neurons_kept"]) > 0 and cell.params["ratio"] == "0.2"
+    assert sum(c.metrics["average"] for c in seeds) * 50 == pytest.approx(table_row["average"])  # mean of 2, in %
+    assert math.exp(sum(math.log(c.metrics["ppl/wiki"]) for c in seeds) / 2) == pytest.approx(table_row["ppl_wiki"])
+    assert [c.tags["hfprune.seed"] for c in seeds] == ["0", "1"]
+    assert all(int(c.params["neurons_kept"]) > 0 and c.params["ratio"] == "0.2" for c in seeds)
     scores = [c for c in children if c.data.tags["hfprune.stage"] == "score"]
     assert all(c.data.metrics["score_seconds"] > 0 for c in scores)
 
@@ -186,7 +236,7 @@ def test_smoke_workflow_end_to_end(tmp_path, smollm2_dir):
     dry = _snakemake(tmp_path, "-n", "--quiet", "rules", *run[:2], "--configfile", str(tmp_path / "edited.yaml"),
                      "--config", run[-1])
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", dry.stdout, re.MULTILINE))
-    assert jobs == {"evaluate_dense": "1", "evaluate_pruned": "2", "report": "1", "all": "1", "total": "5"}
+    assert jobs == {"evaluate_dense": "1", "evaluate_pruned": "3", "report": "1", "all": "1", "total": "6"}
 
 
 @pytest.mark.slow

@@ -47,7 +47,8 @@ def run(args) -> int:
     plan = make_plan(scores, AutoConfig.from_pretrained(ensure_available(spec, cfg["resources_dir"])), args.ratio,
                      spec.family, allocation=pruning["allocation"], scope=pruning["scope"],
                      min_keep_fraction=pruning["min_keep_fraction"], kv_fraction=pruning["attn_kv_group_fraction"],
-                     meta={"model": spec.name, "criterion": header.get("criterion")})
+                     meta={"model": spec.name, "criterion": header.get("criterion"),
+                           "seed": header.get("calibration_seed")})
     plan["scores_file"] = str(scores_path)
     plan["scores_sha256"] = hashlib.sha256(scores_path.read_bytes()).hexdigest()
     write_json(args.out, plan)

@@ -1,7 +1,7 @@
 """Score every MLP neuron of one model with one criterion; writes <out>.safetensors + <out>.json (sidecar)."""
 
 from hfprune.commands import add_config_argument, add_model_argument
-from hfprune.config import load_config
+from hfprune.config import load_config, with_seed
 
 HELP = "score MLP neurons of a model with a criterion (once per model x criterion)"
 
@@ -10,6 +10,7 @@ def add_arguments(parser):
     add_config_argument(parser)
     add_model_argument(parser)
     parser.add_argument("--criterion", required=True, help="a criterion name (see the config schema)")
+    parser.add_argument("--seed", type=int, help="calibration seed (default: the model's first calibration seed)")
     parser.add_argument("--out", required=True, help="output PATH.safetensors (sidecar PATH.json next to it)")
 
 
@@ -17,7 +18,7 @@ def run(args) -> int:
     from hfprune import tracking
     from hfprune.scorer import run_scoring
 
-    cfg = load_config(args.config)
+    cfg = with_seed(load_config(args.config), args.model, args.seed)
     with tracking.stage_run(cfg, model=args.model, stage="score", criterion=args.criterion) as mlflow_run:
         summary = run_scoring(cfg, args.model, args.criterion, args.out)
         tracking.log_scores(mlflow_run, args.out)

@@ -25,6 +25,8 @@ class Criterion:
     requires_data: bool = True
     # True: the loss reads dense-model ("teacher") logits, computed without the pre-prune mask
     needs_teacher: bool = False
+    # True: scores depend on the calibration seed (its data or its randomness), so a seed axis rescores
+    seeded: bool = True
     # option name -> default (the schema fills the same defaults; these cover direct API use)
     defaults: ClassVar[dict] = {}
 
@@ -46,6 +48,7 @@ def group_sum(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 class WeightCriterion(Criterion):
     requires_data = False
+    seeded = False
 
     def weight_scores(self, adapter, seed: int, attn: bool) -> dict[str, torch.Tensor]:
         raise NotImplementedError

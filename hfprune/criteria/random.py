@@ -7,6 +7,7 @@ from hfprune.criteria.base import WeightCriterion
 
 class RandomCriterion(WeightCriterion):
     name = "random"
+    seeded = True  # a fresh draw per calibration seed
 
     def weight_scores(self, adapter, seed, attn):
         gen = torch.Generator().manual_seed(seed)

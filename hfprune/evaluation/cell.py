@@ -18,6 +18,13 @@ from hfprune.errors import HFPruneError
 from hfprune.evaluation.efficiency import efficiency
 from hfprune.evaluation.fidelity import source_fidelity
 from hfprune.evaluation.perplexity import source_perplexity
+from hfprune.evaluation.records import (
+    fidelity_records,
+    perplexity_records,
+    records_path,
+    task_records,
+    write_records,
+)
 from hfprune.evaluation.runner import evaluate_tasks, select_tasks
 from hfprune.models import ModelSpec, ensure_available, load_model, resolve_dtype
 from hfprune.runtime import package_versions, resolve_device, seed_everything, write_json
@@ -46,7 +53,8 @@ def _check_recovered(recovered_dir, plan: dict) -> None:
 
 
 def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=None, out_path=None) -> dict:
-    """Evaluate one cell and write its metrics JSON atomically to `out_path` (if given); returns the dict.
+    """Evaluate one cell and write its metrics JSON atomically to `out_path` (if given), with the per-unit
+    records beside it (hfprune.evaluation.records); returns the dict.
 
     plan_path None and recovered_dir None: the dense row. plan_path: base model pruned in memory by the plan.
     recovered_dir (with plan_path, which names the cell): a merged model folder written by `save_pruned`.
@@ -88,12 +96,14 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
         model = dense
     seconds["load"] = time.perf_counter() - start
 
-    fidelity = None
+    fidelity, records = None, []
     if pruned and fid_cfg["enabled"]:
         start = time.perf_counter()
         fidelity = source_fidelity(dense, model, tokenizer, fid_cfg["source"], fid_cfg["num_prompts"],
                                    fid_cfg["seq_len"], fid_cfg["top_k"], seed=cfg["seed"])
         seconds["fidelity"] = time.perf_counter() - start
+        records += fidelity_records(fidelity)
+        del fidelity["per_prompt"], fidelity["prompt_doc"]
     eff = None
     if eff_cfg["enabled"]:
         start = time.perf_counter()
@@ -106,18 +116,23 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
     tasks, lm_meta = {}, {}
     if selection is not None:
         start = time.perf_counter()
-        tasks, lm_meta, _ = evaluate_tasks(model, tokenizer, selection, ev["batch_size"])
+        tasks, lm_meta, raw = evaluate_tasks(model, tokenizer, selection, ev["batch_size"], log_samples=True)
         seconds["lm_eval"] = time.perf_counter() - start
+        records += task_records(selection, raw["samples"])
     start = time.perf_counter()
     perplexity = {s: source_perplexity(model, tokenizer, s, ppl_cfg["seq_len"], ppl_cfg["max_tokens"],
                                        ev["batch_size"]) for s in ppl_cfg["sources"]}
     seconds["perplexity"] = time.perf_counter() - start
+    for source, res in perplexity.items():
+        records += perplexity_records(source, res)
+        del res["window_nll"], res["window_doc"]
 
     values = [t["value"] for t in tasks.values() if t["value"] is not None]
     result = {
         "cell": {"model": model_name, "family": spec.family,
                  "criterion": plan.get("criterion", "unknown") if pruned else "dense",
-                 "ratio": float(plan.get("ratio", 0.0)) if pruned else 0.0, "recovered": recovered_dir is not None},
+                 "ratio": float(plan.get("ratio", 0.0)) if pruned else 0.0, "recovered": recovered_dir is not None,
+                 "seed": plan.get("seed") if pruned else None},
         "tasks": tasks,
         "average": sum(values) / len(values) if values and len(values) == len(tasks) else None,
         "perplexity": perplexity,
@@ -130,5 +145,6 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
                  "seconds": seconds, "config": cfg, "versions": package_versions()},
     }
     if out_path is not None:
+        write_records(records_path(out_path), records)  # first: a metrics JSON never exists without them
         write_json(out_path, result)
     return result

@@ -9,7 +9,9 @@
 - decode_tok_s: greedy decoding throughput, batch `decode_batch`, `decode_tokens` steps with the KV cache
   after a 16-token prompt (the prompt is not timed), median of `repeats`.
 Models are timed alternately (dense, pruned, dense, ...) after one warm-up each, so drifting machine load
-hits both alike. Every "*_ratio" is pruned / dense.
+hits both alike. Every "*_ratio" is pruned / dense (of the medians); "*_runs" keep every repeat and
+"*_ratio_range" the [min, max] of the per-repeat ratios (dense and pruned of one round timed back to back),
+so a report shows the spread, not one draw.
 """
 
 from __future__ import annotations
@@ -89,9 +91,11 @@ def measure(models: dict[str, nn.Module], prefill_tokens: int = 256, decode_batc
                 decode[name].append(d)
     out = {}
     for name, model in models.items():
+        decode_rates = [decode_batch * decode_tokens / s for s in decode[name]]
         out[name] = {**param_counts(model), "macs_per_token": macs_per_token(model, prefill_tokens),
                      "prefill_ms": 1000 * statistics.median(prefill[name]),
-                     "decode_tok_s": decode_batch * decode_tokens / statistics.median(decode[name])}
+                     "decode_tok_s": decode_batch * decode_tokens / statistics.median(decode[name]),
+                     "prefill_ms_runs": [1000 * s for s in prefill[name]], "decode_tok_s_runs": decode_rates}
     return out
 
 
@@ -104,7 +108,10 @@ def efficiency(dense, pruned=None, *, prefill_tokens: int = 256, decode_batch: i
     res = measure(models, **options)
     ref, own = res["dense"], res.get("pruned", res["dense"])
     out = dict(own)
-    out.update({f"{k}_ratio": own[k] / ref[k] for k in ref})
+    out.update({f"{k}_ratio": own[k] / ref[k] for k in ref if not k.endswith("_runs")})
+    for key in ("prefill_ms", "decode_tok_s"):
+        per_round = [a / b for a, b in zip(own[f"{key}_runs"], ref[f"{key}_runs"], strict=True)]
+        out[f"{key}_ratio_range"] = [min(per_round), max(per_round)]
     out.update(dense=ref, settings={**options, "macs_context": prefill_tokens,
                                     "decode_prompt_tokens": DECODE_PROMPT_TOKENS})
     return out

@@ -41,27 +41,30 @@ def position_metrics(ref_logits: torch.Tensor, logits: torch.Tensor, top_k: int)
 
 @torch.no_grad()
 def fidelity(reference, model, input_ids: torch.Tensor, top_k: int = 15, batch_size: int = 4) -> dict:
-    """Mean fidelity metrics of `model` against `reference` over all positions of `input_ids` [n, seq_len].
+    """Mean fidelity metrics of `model` against `reference` over all positions of `input_ids` [n, seq_len];
+    "per_prompt" holds each metric's mean over each prompt's positions (the per-unit records).
 
     The two models run batch by batch, so only one batch of logits of each is held at a time.
     """
-    sums = {"js_distance": 0.0, "topk_jaccard": 0.0, "kl": 0.0}
-    positions = 0
+    per_prompt: dict[str, list[torch.Tensor]] = {"js_distance": [], "topk_jaccard": [], "kl": []}
     for start in range(0, input_ids.shape[0], batch_size):
         batch = input_ids[start:start + batch_size]
         ref = reference(input_ids=batch.to(input_device(reference)), use_cache=False).logits
         out = model(input_ids=batch.to(input_device(model)), use_cache=False).logits
         for key, values in position_metrics(ref, out, top_k).items():
-            sums[key] += values.double().sum().item()
-        positions += batch.numel()
-    return {**{k: v / positions for k, v in sums.items()}, "k": top_k, "prompts": input_ids.shape[0],
-            "seq_len": input_ids.shape[1], "positions": positions, "js_log_base": 2}
+            per_prompt[key].append(values.double().mean(-1).cpu())
+    prompts = {k: torch.cat(v) for k, v in per_prompt.items()}
+    # every prompt has seq_len positions, so the mean of prompt means is the mean over all positions
+    return {**{k: v.mean().item() for k, v in prompts.items()}, "k": top_k, "prompts": input_ids.shape[0],
+            "seq_len": input_ids.shape[1], "positions": input_ids.numel(), "js_log_base": 2,
+            "per_prompt": {k: v.tolist() for k, v in prompts.items()}}
 
 
 def source_fidelity(reference, model, tokenizer, source: str, num_prompts: int, seq_len: int, top_k: int,
                     seed: int) -> dict:
     """Fidelity on `num_prompts` seeded random windows of a held-out text source."""
     texts = load_texts(source)
-    out = fidelity(reference, model, sample_windows(tokenizer, texts, num_prompts, seq_len, seed), top_k)
-    out.update(source=source, seed=seed, texts_sha256=texts_hash(texts))
+    windows, docs = sample_windows(tokenizer, texts, num_prompts, seq_len, seed, return_docs=True)
+    out = fidelity(reference, model, windows, top_k)
+    out.update(source=source, seed=seed, texts_sha256=texts_hash(texts), prompt_doc=docs)
     return out

@@ -29,19 +29,22 @@ def window_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def perplexity(model, chunks: torch.Tensor, batch_size: int = 8) -> dict:
-    """Perplexity of `model` over the rows of `chunks` [n, seq_len] (each row scored independently)."""
-    total = 0.0
-    for start in range(0, chunks.shape[0], batch_size):
-        total += window_nll(model, chunks[start:start + batch_size]).double().sum().item()
+    """Perplexity of `model` over the rows of `chunks` [n, seq_len] (each row scored independently);
+    "window_nll" holds each window's summed NLL (the per-unit records of the paired statistics)."""
+    per_window = torch.cat([window_nll(model, chunks[start:start + batch_size]).double()
+                            for start in range(0, chunks.shape[0], batch_size)])
+    total = per_window.sum().item()
     tokens = chunks.shape[0] * (chunks.shape[1] - 1)
     return {"ppl": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens,
-            "windows": chunks.shape[0], "seq_len": chunks.shape[1]}
+            "windows": chunks.shape[0], "seq_len": chunks.shape[1], "window_nll": per_window.tolist()}
 
 
 def source_perplexity(model, tokenizer, source: str, seq_len: int, max_tokens: int | None,
                       batch_size: int = 8) -> dict:
-    """Perplexity on a named text source (hfprune.data.load_texts), first `max_tokens` of its stream."""
+    """Perplexity on a named text source (hfprune.data.load_texts), first `max_tokens` of its stream;
+    "window_doc" is the document each window starts in."""
     texts = load_texts(source)
-    out = perplexity(model, contiguous_chunks(tokenizer, texts, seq_len, max_tokens), batch_size)
-    out["texts_sha256"] = texts_hash(texts)
+    chunks, docs = contiguous_chunks(tokenizer, texts, seq_len, max_tokens, return_docs=True)
+    out = perplexity(model, chunks, batch_size)
+    out.update(texts_sha256=texts_hash(texts), window_doc=docs)
     return out

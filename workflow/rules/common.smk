@@ -11,6 +11,7 @@ import yaml
 from snakemake.settings.types import DeploymentMethod
 
 from hfprune.assets import ASSET_MARKER, EMBEDDED_MODELS
+from hfprune.config import cell_seeds
 from hfprune.models import ModelSpec, embedded_dir
 from hfprune.plan import format_ratio
 from hfprune.runtime import atomic_path
@@ -48,6 +49,7 @@ wildcard_constraints:
     model=_alternatives(MODELS),
     criterion=_alternatives(CRITERIA),
     ratio=_alternatives(RATIOS),
+    seed=r"\d+",
     source=_alternatives(EMBEDDED_MODELS),
 
 
@@ -76,7 +78,8 @@ def settings(*keys):
     def digest(wildcards):
         used = {key: _lookup(key) for key in keys}
         names = wildcards.keys()
-        used["model"] = MODELS[wildcards.model] if "model" in names else None
+        # a model's seed list is an axis (the `seed` wildcard), not a setting of its jobs
+        used["model"] = {k: v for k, v in MODELS[wildcards.model].items() if k != "seeds"} if "model" in names else None
         crit = wildcards.criterion if "criterion" in names else None
         used["options"] = config["criterion_options"].get(crit)
         return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:16]
@@ -85,25 +88,37 @@ def settings(*keys):
 
 
 COMPUTE = ("seed", "dtype", "device", "device_map")
+# what a score job reads of `calibration`: its seed is the job's `seed` wildcard, not the seeds list
+CALIBRATION = ("calibration.source", "calibration.num_sequences", "calibration.seq_len", "calibration.batch_size")
 
 
-def score_path(model, criterion):
-    return f"{EXP}/scores/{model}/{criterion}.safetensors"
+def score_path(model, criterion, seed):
+    return f"{EXP}/scores/{model}/{criterion}/s{seed}.safetensors"
 
 
-def plan_path(model, criterion, ratio):
-    return f"{EXP}/plans/{model}/{criterion}/r{ratio}.json"
+def plan_path(model, criterion, seed, ratio):
+    return f"{EXP}/plans/{model}/{criterion}/s{seed}/r{ratio}.json"
+
+
+def cell_metrics(model, criterion, seed, ratio, recovered=False):
+    """A pruned cell's metrics JSON and, beside it, its per-unit records."""
+    base = f"{EXP}/metrics/{model}/{criterion}/s{seed}/r{ratio}{'.recovered' if recovered else ''}"
+    return [f"{base}.json", f"{base}.units.parquet"]
+
+
+def cells():
+    """(model, criterion, seed) of every scored cell: seeded criteria once per calibration seed of the model."""
+    return [(m, c, s) for m in MODELS for c in CRITERIA for s in cell_seeds(config, m, c)]
 
 
 def metrics_paths():
-    """Every cell the report needs: dense once per model, criterion x ratio, recovered ones if enabled."""
-    paths = [f"{EXP}/metrics/{m}/dense.json" for m in MODELS]
-    for m in MODELS:
-        for c in CRITERIA:
-            for r in RATIOS:
-                paths.append(f"{EXP}/metrics/{m}/{c}/r{r}.json")
-                if RECOVERY:
-                    paths.append(f"{EXP}/metrics/{m}/{c}/r{r}.recovered.json")
+    """Every cell the report needs: dense once per model, criterion x seed x ratio, recovered ones if enabled."""
+    paths = [f"{EXP}/metrics/{m}/dense.{ext}" for m in MODELS for ext in ("json", "units.parquet")]
+    for m, c, s in cells():
+        for r in RATIOS:
+            paths += cell_metrics(m, c, s, r)
+            if RECOVERY:
+                paths += cell_metrics(m, c, s, r, recovered=True)
     return paths
 
 

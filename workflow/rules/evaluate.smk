@@ -1,4 +1,5 @@
-# One metrics JSON per cell: the dense model once per model, each pruned plan, each recovered model.
+# One metrics JSON + per-unit records (Parquet) per cell: the dense model once per model, each pruned plan,
+# each recovered model.
 
 EVAL_SETTINGS = settings("evaluation", *COMPUTE)
 
@@ -10,6 +11,7 @@ rule evaluate_dense:
         asset=asset_marker,
     output:
         f"{EXP}/metrics/{{model}}/dense.json",
+        f"{EXP}/metrics/{{model}}/dense.units.parquet",
     log:
         f"{LOGS}/evaluate/{{model}}/dense.log",
     benchmark:
@@ -25,7 +27,7 @@ rule evaluate_dense:
         runtime=240,
     shell:
         "{params.hfprune} evaluate --config {params.config} --model {wildcards.model} "
-        "--out {output} > {log} 2>&1"
+        "--out {output[0]} > {log} 2>&1"
 
 
 rule evaluate_pruned:
@@ -33,13 +35,13 @@ rule evaluate_pruned:
         ENV
     input:
         asset=asset_marker,
-        plan=plan_path("{model}", "{criterion}", "{ratio}"),
+        plan=plan_path("{model}", "{criterion}", "{seed}", "{ratio}"),
     output:
-        f"{EXP}/metrics/{{model}}/{{criterion}}/r{{ratio}}.json",
+        cell_metrics("{model}", "{criterion}", "{seed}", "{ratio}"),
     log:
-        f"{LOGS}/evaluate/{{model}}/{{criterion}}/r{{ratio}}.log",
+        f"{LOGS}/evaluate/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.log",
     benchmark:
-        f"{BENCH}/evaluate/{{model}}/{{criterion}}/r{{ratio}}.tsv"
+        f"{BENCH}/evaluate/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.tsv"
     params:
         hfprune=HFPRUNE_GPU,
         config=RUN_CONFIG,
@@ -51,7 +53,7 @@ rule evaluate_pruned:
         runtime=240,
     shell:
         "{params.hfprune} evaluate --config {params.config} --model {wildcards.model} --plan {input.plan} "
-        "--out {output} > {log} 2>&1"
+        "--out {output[0]} > {log} 2>&1"
 
 
 rule evaluate_recovered:
@@ -59,14 +61,14 @@ rule evaluate_recovered:
         ENV
     input:
         asset=asset_marker,
-        plan=plan_path("{model}", "{criterion}", "{ratio}"),
+        plan=plan_path("{model}", "{criterion}", "{seed}", "{ratio}"),
         recovered=rules.recover.output[0],
     output:
-        f"{EXP}/metrics/{{model}}/{{criterion}}/r{{ratio}}.recovered.json",
+        cell_metrics("{model}", "{criterion}", "{seed}", "{ratio}", recovered=True),
     log:
-        f"{LOGS}/evaluate/{{model}}/{{criterion}}/r{{ratio}}.recovered.log",
+        f"{LOGS}/evaluate/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.recovered.log",
     benchmark:
-        f"{BENCH}/evaluate/{{model}}/{{criterion}}/r{{ratio}}.recovered.tsv"
+        f"{BENCH}/evaluate/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.recovered.tsv"
     params:
         hfprune=HFPRUNE_GPU,
         config=RUN_CONFIG,
@@ -78,4 +80,4 @@ rule evaluate_recovered:
         runtime=240,
     shell:
         "{params.hfprune} evaluate --config {params.config} --model {wildcards.model} --plan {input.plan} "
-        "--recovered {input.recovered} --out {output} > {log} 2>&1"
+        "--recovered {input.recovered} --out {output[0]} > {log} 2>&1"

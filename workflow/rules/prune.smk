@@ -6,13 +6,13 @@ rule plan:
         ENV
     input:
         asset=asset_marker,
-        scores=score_path("{model}", "{criterion}"),
+        scores=score_path("{model}", "{criterion}", "{seed}"),
     output:
-        plan_path("{model}", "{criterion}", "{ratio}"),
+        plan_path("{model}", "{criterion}", "{seed}", "{ratio}"),
     log:
-        f"{LOGS}/plan/{{model}}/{{criterion}}/r{{ratio}}.log",
+        f"{LOGS}/plan/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.log",
     benchmark:
-        f"{BENCH}/plan/{{model}}/{{criterion}}/r{{ratio}}.tsv"
+        f"{BENCH}/plan/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.tsv"
     params:
         hfprune=HFPRUNE,
         config=RUN_CONFIG,

@@ -6,13 +6,13 @@ rule recover:
         ENV
     input:
         asset=asset_marker,
-        plan=plan_path("{model}", "{criterion}", "{ratio}"),
+        plan=plan_path("{model}", "{criterion}", "{seed}", "{ratio}"),
     output:
-        directory(f"{EXP}/recovered/{{model}}/{{criterion}}/r{{ratio}}"),
+        directory(f"{EXP}/recovered/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}"),
     log:
-        f"{LOGS}/recover/{{model}}/{{criterion}}/r{{ratio}}.log",
+        f"{LOGS}/recover/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.log",
     benchmark:
-        f"{BENCH}/recover/{{model}}/{{criterion}}/r{{ratio}}.tsv"
+        f"{BENCH}/recover/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.tsv"
     params:
         hfprune=HFPRUNE_GPU,
         config=RUN_CONFIG,

@@ -6,8 +6,8 @@ rule report:
         ENV
     input:
         metrics=metrics_paths(),
-        plans=[plan_path(m, c, r) for m in MODELS for c in CRITERIA for r in RATIOS],
-        scores=[f"{EXP}/scores/{m}/{c}.json" for m in MODELS for c in CRITERIA],
+        plans=[plan_path(m, c, s, r) for m, c, s in cells() for r in RATIOS],
+        scores=[f"{EXP}/scores/{m}/{c}/s{s}.json" for m, c, s in cells()],
     output:
         REPORT,
     log:

@@ -1,5 +1,6 @@
-# Neuron scores once per model x criterion (every ratio reuses them). Random and magnitude need no
-# calibration data but are jobs all the same, so every criterion has the same outputs.
+# Neuron scores once per model x criterion x calibration seed (every ratio reuses them). Random and magnitude
+# need no calibration data but are jobs all the same, so every criterion has the same outputs; magnitude is
+# scored for the first seed only (hfprune.config.cell_seeds).
 
 
 rule score:
@@ -8,16 +9,16 @@ rule score:
     input:
         asset=asset_marker,
     output:
-        scores=score_path("{model}", "{criterion}"),
-        meta=f"{EXP}/scores/{{model}}/{{criterion}}.json",
+        scores=score_path("{model}", "{criterion}", "{seed}"),
+        meta=f"{EXP}/scores/{{model}}/{{criterion}}/s{{seed}}.json",
     log:
-        f"{LOGS}/score/{{model}}/{{criterion}}.log",
+        f"{LOGS}/score/{{model}}/{{criterion}}/s{{seed}}.log",
     benchmark:
-        f"{BENCH}/score/{{model}}/{{criterion}}.tsv"
+        f"{BENCH}/score/{{model}}/{{criterion}}/s{{seed}}.tsv"
     params:
         hfprune=HFPRUNE_GPU,
         config=RUN_CONFIG,
-        settings=settings("calibration", "scoring", "pruning.scope", *COMPUTE),
+        settings=settings(*CALIBRATION, "scoring", "pruning.scope", *COMPUTE),
     threads: 4
     resources:
         gpu=GPU,
@@ -25,4 +26,4 @@ rule score:
         runtime=120,
     shell:
         "{params.hfprune} score --config {params.config} --model {wildcards.model} "
-        "--criterion {wildcards.criterion} --out {output.scores} > {log} 2>&1"
+        "--criterion {wildcards.criterion} --seed {wildcards.seed} --out {output.scores} > {log} 2>&1"

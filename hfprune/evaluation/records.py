@@ -1,0 +1,136 @@
+"""Per-unit records of one evaluated cell: what the paired statistics (hfprune.stats) compare unit by unit.
+
+One long table per cell, stored beside its metrics JSON as ``<metrics>.units.parquet`` (docs/CONTRACTS.md):
+
+| measure | group | unit | cluster | value |
+|---|---|---|---|---|
+| ``acc`` | task | doc id | shared passage / source, else the doc | the task metric's 0/1 outcome |
+| ``gold_prob`` | task | doc id | as above | probability of the gold choice(s) under the metric's normalisation |
+| ``logppl`` | text source | window index | document the window starts in | mean NLL per predicted token (nats) |
+| ``js`` / ``jaccard`` / ``kl`` | text source | prompt index | document the prompt starts in | mean over the prompt's positions |
+
+``choice_loglik`` holds each doc's per-choice log-likelihoods (lm-eval's filtered responses); ``weight`` the
+tokens a window predicts (1 elsewhere). Every cell of a model sees the same docs, windows and prompts, so two
+cells pair on (measure, group, unit).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hfprune.errors import HFPruneError
+from hfprune.runtime import atomic_path
+
+COLUMNS = ["measure", "group", "unit", "cluster", "value", "weight", "choice_loglik"]
+# doc fields that mark docs sharing a context: BoolQ's questions on one passage, HellaSwag's clips of one video
+CLUSTER_FIELDS = ("passage", "source_id")
+# how lm-eval's multiple-choice metrics normalise a choice's log-likelihood before the argmax
+_NORMALISERS = {"acc": lambda c: 1.0, "acc_norm": lambda c: float(len(c)), "acc_bytes": lambda c: float(len(c.encode()))}
+
+
+def records_path(metrics_path) -> Path:
+    """metrics/<...>/r0.2.json -> metrics/<...>/r0.2.units.parquet."""
+    path = Path(metrics_path)
+    return path.with_name(path.name.removesuffix(".json") + ".units.parquet")
+
+
+def _cluster(doc: dict, doc_id) -> str:
+    for field in CLUSTER_FIELDS:
+        if isinstance(doc, dict) and doc.get(field) not in (None, ""):
+            return f"{field}:{doc[field]}"
+    return f"doc:{doc_id}"
+
+
+def gold_indices(task, doc: dict, n_choices: int, metric: str) -> list[int]:
+    """The gold choice(s) of a doc, as lm-eval itself decides them: the choices that, made the argmax,
+    score 1 under the task's own process_results (so multiple-target and multiple-input tasks need no
+    special case here)."""
+    golds = []
+    for i in range(n_choices):
+        probe = [(0.0 if j == i else -1e9, j == i) for j in range(n_choices)]
+        if task.process_results(doc, probe).get(metric) == 1.0:
+            golds.append(i)
+    return golds
+
+
+def gold_probability(task, doc: dict, logliks: list[float], metric: str) -> float | None:
+    """Probability of the gold choice(s) under a softmax of the metric's normalised log-likelihoods: a
+    continuous, lower-variance version of the 0/1 outcome. None where the metric is not a choice argmax."""
+    if getattr(task, "OUTPUT_TYPE", None) != "multiple_choice" or metric not in _NORMALISERS:
+        return None
+    choices = task.doc_to_choice(doc)
+    if len(choices) != len(logliks):
+        return None  # e.g. mutual-information scoring appends unconditional requests
+    golds = gold_indices(task, doc, len(choices), metric)
+    if not golds:
+        return None
+    scores = np.array(logliks) / np.array([_NORMALISERS[metric](c) or 1.0 for c in choices])
+    p = np.exp(scores - scores.max())
+    return float(p[golds].sum() / p.sum())
+
+
+def task_records(selection, samples: dict) -> list[dict]:
+    """Rows for every evaluated doc of every task, from lm-eval's logged samples."""
+    rows = []
+    for name, metric in selection.metrics.items():
+        task = selection.tasks[name]
+        for sample in samples.get(name, []):
+            doc, doc_id = sample["doc"], sample["doc_id"]
+            if metric not in sample:
+                raise HFPruneError(f"lm-eval logged no per-doc {metric!r} for task {name!r}")
+            logliks = [float(r[0]) for r in sample["filtered_resps"]] if all(
+                isinstance(r, (tuple, list)) for r in sample["filtered_resps"]) else None
+            base = {"group": name, "unit": str(doc_id), "cluster": _cluster(doc, doc_id), "weight": 1.0,
+                    "choice_loglik": logliks}
+            rows.append({**base, "measure": "acc", "value": float(sample[metric])})
+            prob = gold_probability(task, doc, logliks, metric) if logliks else None
+            if prob is not None:
+                rows.append({**base, "measure": "gold_prob", "value": prob})
+    return rows
+
+
+def perplexity_records(source: str, result: dict) -> list[dict]:
+    """Rows per window from `source_perplexity`'s window_nll / window_doc."""
+    per_token = result["seq_len"] - 1
+    return [{"measure": "logppl", "group": source, "unit": str(i), "cluster": f"doc:{doc}",
+             "value": nll / per_token, "weight": float(per_token), "choice_loglik": None}
+            for i, (nll, doc) in enumerate(zip(result["window_nll"], result["window_doc"], strict=True))]
+
+
+FIDELITY_MEASURES = {"js_distance": "js", "topk_jaccard": "jaccard", "kl": "kl"}
+
+
+def fidelity_records(result: dict) -> list[dict]:
+    """Rows per prompt from `source_fidelity`'s per_prompt / prompt_doc."""
+    rows = []
+    for key, measure in FIDELITY_MEASURES.items():
+        for i, (value, doc) in enumerate(zip(result["per_prompt"][key], result["prompt_doc"], strict=True)):
+            rows.append({"measure": measure, "group": result["source"], "unit": str(i), "cluster": f"doc:{doc}",
+                         "value": float(value), "weight": 1.0, "choice_loglik": None})
+    return rows
+
+
+def write_records(path, rows: list[dict]) -> Path:
+    """Write the rows as Parquet, atomically."""
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return Path(path)
+
+
+def read_records(path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise HFPruneError(f"per-unit records {str(path)!r} do not exist; rerun the cell's evaluate job")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise HFPruneError(f"per-unit records {str(path)!r} cannot be read ({type(exc).__name__}: {exc}); "
+                           "delete it and rerun the cell's evaluate job") from None
+    missing = sorted(set(COLUMNS) - set(frame.columns))
+    if missing:
+        raise HFPruneError(f"per-unit records {str(path)!r} lack column(s) {', '.join(missing)}")
+    return frame

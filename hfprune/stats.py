@@ -1,0 +1,106 @@
+"""Paired differences with cluster-robust confidence intervals, Holm's correction and the smallest detectable
+difference ("Adding Error Bars to Evals", Miller 2024): every cell of a model sees the same docs, windows and
+prompts, so two cells are compared unit by unit, and units that share a context (several questions on one
+passage, windows of one document, the same doc under several calibration seeds) form one cluster.
+
+The estimate is an OLS fit of the per-unit differences on one indicator per stratum (a task, for an average
+over tasks) with statsmodels' cluster-robust covariance; the reported difference is the plain mean of the
+strata means (the macro average lm-eval reports), with a t interval on (clusters - 1) degrees of freedom.
+With one unit per cluster and one stratum this is exactly the paired t-test (tests check it against scipy).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+ALPHA = 0.05
+POWER = 0.8
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Mean difference A - B with its 95 % CI, p-value (H0: no difference), units, clusters and the smallest
+    difference this design detects with 80 % power at alpha 0.05 (two-sided)."""
+
+    diff: float
+    lo: float
+    hi: float
+    se: float
+    p: float
+    n: int
+    clusters: int
+    mde: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _codes(values) -> np.ndarray:
+    return pd.factorize(pd.Series(list(values)).astype(str))[0]
+
+
+def minimum_detectable(se: float, clusters: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Smallest true difference a two-sided t-test on `clusters` clusters finds with probability `power`:
+    the standardised effect statsmodels solves for, times the per-cluster standard deviation se * sqrt(G)."""
+    if clusters < 2 or not math.isfinite(se):
+        return math.nan
+    from statsmodels.stats.power import TTestPower
+
+    effect = TTestPower().solve_power(nobs=clusters, alpha=alpha, power=power, alternative="two-sided")
+    return float(effect) * se * math.sqrt(clusters)
+
+
+def paired_difference(diffs, clusters=None, strata=None, alpha: float = ALPHA) -> Paired:
+    """Inference on per-unit differences `diffs` (A - B on the same unit).
+
+    clusters: one label per unit (units of a label are not independent); None = every unit its own cluster.
+    strata: one label per unit (e.g. the task); the estimate is the unweighted mean of the strata means.
+    """
+    d = np.asarray(diffs, dtype=np.float64)
+    n = d.size
+    if n == 0:
+        return Paired(math.nan, math.nan, math.nan, math.nan, math.nan, 0, 0, math.nan)
+    groups = np.arange(n) if clusters is None else _codes(clusters)
+    strata_codes = np.zeros(n, dtype=int) if strata is None else _codes(strata)
+    k = int(strata_codes.max()) + 1
+    design = np.zeros((n, k))
+    design[np.arange(n), strata_codes] = 1.0
+    contrast = np.full(k, 1.0 / k)
+    means = np.array([d[strata_codes == j].mean() for j in range(k)])
+    diff = float(contrast @ means)
+    g = int(groups.max()) + 1
+    residual = d - means[strata_codes]
+    if not np.any(np.abs(residual) > 1e-12 * max(1.0, float(np.abs(d).max()))):
+        # no spread at all (e.g. a cell against itself): the difference is exact
+        return Paired(diff, diff, diff, 0.0, 1.0 if diff == 0 else 0.0, n, g, 0.0)
+    if g < 2:
+        return Paired(diff, math.nan, math.nan, math.nan, math.nan, n, g, math.nan)
+    import statsmodels.api as sm
+
+    fit = sm.OLS(d, design).fit(cov_type="cluster", cov_kwds={"groups": groups}, use_t=True)
+    test = fit.t_test(contrast[None, :])
+    se = float(np.asarray(test.sd).ravel()[0])
+    lo, hi = (float(x) for x in np.asarray(test.conf_int(alpha=alpha)).ravel()[:2])
+    p = float(np.asarray(test.pvalue).ravel()[0])
+    return Paired(diff, lo, hi, se, p, n, g, minimum_detectable(se, g, alpha))
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm-adjusted p-values (statsmodels); NaN entries stay NaN and do not count as tests."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    out = np.full_like(p, np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        from statsmodels.stats.multitest import multipletests
+
+        out[ok] = multipletests(p[ok], alpha=ALPHA, method="holm")[1]
+    return out
+
+
+def mean_interval(values, clusters=None, strata=None, alpha: float = ALPHA) -> Paired:
+    """CI of a cell's own mean (e.g. an accuracy): the paired machinery against a constant zero."""
+    return paired_difference(values, clusters, strata, alpha)
