@@ -434,7 +434,7 @@ def write_report(cfg: dict, out_dir: str | os.PathLike | None = None) -> Path:
             mine = _params_from_plans(cells[cells["model"] == model], plans)
             if mine.empty:
                 continue
-            lines += [f"## {model} ({entry['family']}, `{entry['source']}`)", ""]
+            lines += [f"## {model} ({entry.get('family', 'family unresolved')}, `{entry['source']}`)", ""]
             tables = root / "tables"
             _section(lines, "Accuracy, perplexity, fidelity, size (Table 1 form)",
                      main_table(mine, columns, cfg["ratios"], paper_name), tables / f"{model}.main", root,

@@ -372,6 +372,7 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
     model, tok = load_model(spec, cfg["resources_dir"], dtype=cfg["dtype"], device_map=cfg["device_map"])
+    spec = spec.resolved(model.config)  # the family, where the config could not name it before the download
     if cfg["device_map"] is None:
         model.to(device)
     if device.type == "cuda":

@@ -282,7 +282,7 @@ def job_params(cfg: dict, model: str, criterion: str | None, ratio: float | None
     entry = model_entry(cfg, model)
     cal = cfg["calibration"]
     params = {
-        "model": model, "family": entry["family"], "source": entry["source"],
+        "model": model, "family": entry.get("family"), "source": entry["source"],
         "criterion": criterion or "dense", "ratio": ratio if ratio is not None else 0.0, "recovered": recovered,
         "allocation": cfg["pruning"]["allocation"], "scope": cfg["pruning"]["scope"],
         "calibration": {**cal, "tokens": cal["num_sequences"] * cal["seq_len"]},
