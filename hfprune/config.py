@@ -19,7 +19,12 @@ SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
 
 @lru_cache(maxsize=1)
 def schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    from hfprune.adapters import ADAPTERS
+
+    sch = yaml.safe_load(SCHEMA_PATH.read_text())
+    # the family enum is the adapter registry, so adding a family is a new adapter file + its registry line
+    sch["properties"]["models"]["items"]["properties"]["family"]["enum"] = list(ADAPTERS)
+    return sch
 
 
 def _validator_with_defaults():
@@ -69,6 +74,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"{source}: invalid config field 'models': duplicate model name(s) {', '.join(dupes)}")
+    _fill_families(cfg)
     ev = cfg["evaluation"]
     if ev["suite"] != "none":  # a task typo fails here, not in the first evaluate job after hours of scoring
         from hfprune.tasks import resolve_suite
@@ -80,13 +86,26 @@ def validate_config(config: dict, source: str = "config") -> dict:
     return cfg
 
 
+def _fill_families(cfg: dict) -> None:
+    """A model entry without `family` gets its checkpoint's, where config.json facts are readable (embedded
+    models, local folders, cached hub models); otherwise the job that downloads the model resolves it."""
+    missing = [entry for entry in cfg["models"] if "family" not in entry]
+    if missing:
+        from hfprune.models import ModelSpec, checkpoint_family
+
+        for entry in missing:
+            family = checkpoint_family(ModelSpec.from_config(entry), cfg["resources_dir"])
+            if family is not None:
+                entry["family"] = family
+
+
 def check_models(cfg: dict, source: str = "config") -> None:
     """Sources that exist, families that match them, and ratios every model can reach, from config.json alone.
 
     Called where a grid starts (the Snakefile, `hfprune validate`) so that it does not find out in its plan
     jobs, after hours of scoring; single jobs meet the same errors when they load the model.
     """
-    from hfprune.models import ModelSpec, architecture, check_family
+    from hfprune.models import ModelSpec, architecture
     from hfprune.plan import check_feasible
 
     pruning = cfg["pruning"]
@@ -95,7 +114,7 @@ def check_models(cfg: dict, source: str = "config") -> None:
         try:
             arch = architecture(spec, cfg["resources_dir"])
             if arch is not None:
-                check_family(arch, spec)
+                spec = spec.resolved(arch)
         except HFPruneError as exc:
             raise ConfigError(f"{source}: invalid config field 'models[{i}]': {exc}") from None
         for j, ratio in enumerate(cfg["ratios"] if arch is not None else []):

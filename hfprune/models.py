@@ -2,13 +2,15 @@
 
 `source` is one of: an embedded packaged model (see hfprune.assets.EMBEDDED_MODELS), a local folder, or a
 hub id ("org/name"). Embedded models are materialised once under ``<resources>/models/<source>/``.
+`family` is optional: it is the adapter family of the checkpoint's `model_type`, read from config.json facts
+(`checkpoint_family`; for a hub model not yet in the cache, from the config of the job that downloads it).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,12 +26,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    family: str
+    family: str | None  # None: not written in the config and not yet readable from the checkpoint
     source: str
 
     @classmethod
     def from_config(cls, entry: dict) -> ModelSpec:
-        return cls(name=entry["name"], family=entry["family"], source=entry["source"])
+        return cls(name=entry["name"], family=entry.get("family"), source=entry["source"])
+
+    def resolved(self, config) -> ModelSpec:
+        """This spec with the family of the checkpoint whose HF `config` is given (a written one must match)."""
+        check_family(config, self)
+        return replace(self, family=adapter_class(config).family)
 
     @property
     def kind(self) -> str:
@@ -68,7 +75,7 @@ def ensure_available(spec: ModelSpec, resources_dir: str | os.PathLike = "resour
     """Materialise an embedded model if needed and return where to load it from."""
     path = model_dir(spec, resources_dir)
     if spec.kind == "embedded":
-        if EMBEDDED_MODELS[spec.source].family != spec.family:
+        if spec.family is not None and EMBEDDED_MODELS[spec.source].family != spec.family:
             raise HFPruneError(f"model {spec.name!r}: embedded model {spec.source!r} is family "
                                f"{EMBEDDED_MODELS[spec.source].family!r}, not {spec.family!r}; fix `family`")
         materialise(spec.source, path)
@@ -93,6 +100,16 @@ def architecture(spec: ModelSpec, resources_dir: str | os.PathLike = "resources"
     return SimpleNamespace(**json.loads(Path(path).read_text()))
 
 
+def checkpoint_family(spec: ModelSpec, resources_dir: str | os.PathLike = "resources") -> str | None:
+    """The family of the checkpoint's model_type, from config.json facts alone (no weights, no network); None
+    where they cannot be read here or name no supported family (check_models and the jobs report why)."""
+    try:
+        arch = architecture(spec, resources_dir)
+        return None if arch is None else adapter_class(arch).family
+    except HFPruneError:
+        return None
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
@@ -113,7 +130,8 @@ def load_model(spec: ModelSpec, resources_dir="resources", dtype: str = "float32
     """Load (model, tokenizer) in eval mode; `device_map` is passed to accelerate for multi-GPU placement."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    adapter_class(spec.family)  # unknown family -> clear error before any I/O
+    if spec.family is not None:
+        adapter_class(spec.family)  # unknown family -> clear error before any I/O
     if spec.kind == "hub":
         for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
             os.environ[var] = "0"
@@ -125,7 +143,8 @@ def load_model(spec: ModelSpec, resources_dir="resources", dtype: str = "float32
 
 
 def check_family(config, spec: ModelSpec) -> None:
-    """Unsupported architecture or a `family` that contradicts the checkpoint -> clear error."""
-    if adapter_class(config) is not adapter_class(spec.family):
+    """Unsupported architecture or a written `family` that contradicts the checkpoint -> clear error."""
+    cls = adapter_class(config)
+    if spec.family is not None and cls is not adapter_class(spec.family):
         raise HFPruneError(f"model {spec.name!r}: config says family {spec.family!r} but the checkpoint is "
-                           f"{config.model_type!r} ({adapter_class(config).family}); fix the model's `family`")
+                           f"{config.model_type!r} ({cls.family}); fix or drop the model's `family`")

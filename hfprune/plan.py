@@ -68,6 +68,7 @@ def check_feasible(model_config, ratio: float, family: str, allocation: str = "u
         raise ConfigError(f"pruning.allocation: unknown value {allocation!r}; choose uniform or global")
     if scope not in ("mlp", "mlp+attn"):
         raise ConfigError(f"pruning.scope: unknown value {scope!r}; choose mlp or mlp+attn")
+    adapter_class(family).check_scope(scope)
     if scope == "mlp":
         kv_fraction = 0.0
     keep = neurons_to_keep(model_config, ratio, family, kv_fraction)

@@ -255,6 +255,7 @@ def run_recovery(cfg: dict, model_name: str, plan_path: str | os.PathLike, out_d
     # the LoRA weights kept in fp32 by peft and the loss computed in fp32
     dtype = "float32" if device.type == "cpu" else cfg["dtype"]
     model, tokenizer = load_model(spec, cfg["resources_dir"], dtype=dtype)
+    spec = spec.resolved(model.config)
     prune_model(model, plan)
     check_target_modules(model, rcfg["lora"]["target_modules"])
     examples, data_meta = recovery_examples(tokenizer, rcfg, seed)

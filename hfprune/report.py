@@ -731,7 +731,7 @@ def write_report(cfg: dict, out_dir: str | os.PathLike | None = None) -> Path:
             model_verdicts, marks = _verdicts(cfg, model, records, columns, root)
             verdicts += model_verdicts
             task_columns = list(dict.fromkeys(columns.values()))
-            sections += [f"## {model} ({entry['family']}, `{entry['source']}`)", ""]
+            sections += [f"## {model} ({entry.get('family', 'family unresolved')}, `{entry['source']}`)", ""]
             tables = root / "tables"
             _section(sections, "Accuracy, perplexity, fidelity, size (Table 1 form)",
                      main_table(mine, task_columns, cfg["ratios"], paper_name), tables / f"{model}.main", root,

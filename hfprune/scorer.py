@@ -152,13 +152,15 @@ def _linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias)
     return out if bias is None else out.add_(bias)
 
 
-def _output_gradients(model, H, criteria, labels, valid, teacher_H, chunk: int | None) -> list[torch.Tensor]:
+def _output_gradients(model, H, criteria, labels, valid, teacher_H, chunk: int | None,
+                      transform=None) -> list[torch.Tensor]:
     """dC/dH per criterion over the counted tokens, `chunk` tokens at a time (fp32 logits never exist in full).
 
     Only counted tokens are gathered (the others have dC/dH = 0) into contiguous [chunk, hidden] rows, so
     lm_head is one plain matrix product per chunk. A criterion with a closed-form `logit_gradient_` turns a
     reused logits buffer into dC/dlogits in place, then dC/dH = dC/dlogits @ W_lm_head / n; the others go
-    through autograd on `position_loss`.
+    through autograd on `position_loss`. A family's `transform` of lm_head's output (Gemma 2 softcapping,
+    Granite scaling) is not in the closed forms: with one, every criterion goes through autograd.
     """
     lm_head = model.get_output_embeddings()
     weight, bias = lm_head.weight, lm_head.bias
@@ -170,7 +172,9 @@ def _output_gradients(model, H, criteria, labels, valid, teacher_H, chunk: int |
     n = max(len(rows), 1)
     labels = labels.reshape(-1)
     teacher_Hf = teacher_H.reshape(-1, hidden) if teacher_H is not None else None
-    closed = [type(c).logit_gradient_ is not GradientCriterion.logit_gradient_ for c in criteria]
+    closed = [transform is None and type(c).logit_gradient_ is not GradientCriterion.logit_gradient_
+              for c in criteria]
+    head = lm_head if transform is None else (lambda x: transform(lm_head(x).float()))
     need_graph = not all(closed)
     chunk = chunk or max(1, LOGITS_CHUNK_BYTES // (4 * weight.shape[0]))
     size = min(chunk, len(rows))
@@ -184,10 +188,10 @@ def _output_gradients(model, H, criteria, labels, valid, teacher_H, chunk: int |
         logits = teacher = None
         if need_graph:
             with torch.enable_grad():
-                logits = lm_head(hc).float()
+                logits = head(hc).float()
         if teacher_Hf is not None:
             with torch.no_grad():
-                teacher = lm_head(teacher_Hf[r].to(dev)).float().unsqueeze(0)
+                teacher = head(teacher_Hf[r].to(dev)).float().unsqueeze(0)
         if logits_buf is not None:
             z = logits_buf[:len(r)]
             if logits is None:
@@ -254,7 +258,8 @@ def _gradient_scores(model, adapter, batches, criteria: list[GradientCriterion],
                 if attn:
                     groups = adapter.attention(i).num_kv_heads
                     capture.o[i].register_hook(accumulate(f"attn_kv.{i}", capture.o, i, groups))
-            grads = _output_gradients(model, H, criteria, labels, state["valid"], teacher_H, chunk)
+            grads = _output_gradients(model, H, criteria, labels, state["valid"], teacher_H, chunk,
+                                      adapter.logits_transform())
             # the earliest captured tensor: a backward that reaches it passes every other one
             first = capture.o[0] if attn else capture.h[0]
             for k in range(len(criteria)):
@@ -287,6 +292,7 @@ def _score(model, batches, criteria, *, scope, seed, logits_chunk, gradient_chec
 
     crits = [get_criterion(c) if isinstance(c, str) else c for c in criteria]
     adapter = get_adapter(model)
+    adapter.check_scope(scope)
     attn = scope == "mlp+attn"
     batches = list(batches)
     out: dict[str, dict] = {}
@@ -366,6 +372,7 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
     model, tok = load_model(spec, cfg["resources_dir"], dtype=cfg["dtype"], device_map=cfg["device_map"])
+    spec = spec.resolved(model.config)  # the family, where the config could not name it before the download
     if cfg["device_map"] is None:
         model.to(device)
     if device.type == "cuda":

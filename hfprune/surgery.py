@@ -46,8 +46,11 @@ def check_plan(adapter, plan: dict) -> None:
         if not keep or min(keep) < 0 or max(keep) >= size:
             raise HFPruneError(f"plan layers[{i}].mlp_keep is empty or out of range for {size} neurons")
         kv = entry.get("kv_keep")
-        if kv is not None and (not kv or min(kv) < 0 or max(kv) >= adapter.attention(i).num_kv_heads):
+        n_kv = adapter.attention(i).num_kv_heads if kv is not None else 0
+        if kv is not None and (not kv or min(kv) < 0 or max(kv) >= n_kv):
             raise HFPruneError(f"plan layers[{i}].kv_keep is empty or out of range")
+        if kv is not None and len(kv) < n_kv:
+            adapter.check_scope("mlp+attn")
 
 
 def read_plan(plan_path: str | os.PathLike, model_name: str, base_config=None) -> dict:
@@ -132,8 +135,8 @@ def prune_model(model, plan: dict):
     for i, entry in enumerate(plan["layers"]):
         mlp = adapter.mlp(i)
         keep = torch.tensor(sorted(entry["mlp_keep"]), dtype=torch.long)
-        _slice_linear(mlp.gate, out_idx=keep)
-        _slice_linear(mlp.up, out_idx=keep)
+        for linear, rows in mlp.row_slices(keep):
+            _slice_linear(linear, out_idx=rows)
         _slice_linear(mlp.down, in_idx=keep)
         sizes.append(len(keep))
         attn = adapter.attention(i)

@@ -40,6 +40,9 @@ from hfprune.runtime import package_versions
 
 ROLE_TAG, MODEL_TAG, STAGE_TAG = "hfprune.role", "hfprune.model", "hfprune.stage"
 HOST_TAG, PID_TAG, PID_START_TAG = "hfprune.host", "hfprune.pid", "hfprune.pid_start"
+SEED_TAG, VARIANT_TAG = "hfprune.seed", "hfprune.variant"
+# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; this value opens the runs table
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 SQLITE_PREFIX = "sqlite:///"
 _RETRIES = 8
 
@@ -125,14 +128,18 @@ class Store:
             return _retry(getattr(self.client, method), *args, **kwargs)
 
     def experiment_id(self, name: str) -> str:
+        """Find or create the experiment, tagged to open on its runs table (also when an older run made it)."""
         with self.locked():
             exp = _retry(self.client.get_experiment_by_name, name)
             if exp is not None:
+                if EXPERIMENT_KIND_TAG not in exp.tags:
+                    _retry(self.client.set_experiment_tag, exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
                 return exp.experiment_id
             db = sqlite_path(self.uri)
             # next to the database rather than MLflow's default ./mlruns in whatever folder a job runs in
             location = (db.parent / "mlartifacts" / name).as_uri() if db else None
-            return _retry(self.client.create_experiment, name, artifact_location=location)
+            return _retry(self.client.create_experiment, name, artifact_location=location,
+                          tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
     def parent_run(self, experiment_id: str, model: str, tags: dict) -> str:
         """Find or create the model's parent run (under the lock, so concurrent jobs agree on one)."""
@@ -280,16 +287,19 @@ def run_name(stage: str, criterion: str | None, ratio: float | None, recovered: 
     return f"{stage}: {cell}{' +LoRA' if recovered else ''}"
 
 
-def job_params(cfg: dict, model: str, criterion: str | None, ratio: float | None, recovered: bool) -> dict:
-    """What identifies a job's inputs: the cell, the settings that shape it, and package versions."""
+def job_params(cfg: dict, model: str, criterion: str | None, ratio: float | None, recovered: bool,
+               variant: str = "default") -> dict:
+    """What identifies a job's inputs: the cell, the settings that shape it, and package versions. `seed` is
+    the calibration seed (the UI's filter on the calibration sample); `global_seed` the config's `seed`."""
     entry = model_entry(cfg, model)
     cal = cfg["calibration"]
     params = {
-        "model": model, "family": entry["family"], "source": entry["source"],
+        "model": model, "family": entry.get("family"), "source": entry["source"],
         "criterion": criterion or "dense", "ratio": ratio if ratio is not None else 0.0, "recovered": recovered,
         "allocation": cfg["pruning"]["allocation"], "scope": cfg["pruning"]["scope"],
         "calibration": {**cal, "tokens": cal["num_sequences"] * cal["seq_len"]},
-        "seed": cfg["seed"], "dtype": cfg["dtype"], "device": cfg["device"],
+        "seed": cal["seed"], "global_seed": cfg["seed"], "variant": variant, "dtype": cfg["dtype"],
+        "device": cfg["device"],
         "versions": package_versions(),
     }
     if criterion in cfg["criterion_options"]:
@@ -301,9 +311,10 @@ def job_params(cfg: dict, model: str, criterion: str | None, ratio: float | None
 
 @contextlib.contextmanager
 def stage_run(cfg: dict, *, model: str, stage: str, criterion: str | None = None, ratio: float | None = None,
-              recovered: bool = False) -> Iterator[StageRun]:
+              recovered: bool = False, variant: str = "default") -> Iterator[StageRun]:
     """Open the job's child run (RUNNING) under the model's parent run; close it FINISHED, or FAILED/KILLED
-    if the block raises (the exception propagates)."""
+    if the block raises (the exception propagates). Model, criterion, ratio, calibration seed and `variant`
+    are both params and tags, so the UI can filter on either."""
     if not cfg["tracking"]["enabled"]:
         yield StageRun()
         return
@@ -315,12 +326,11 @@ def stage_run(cfg: dict, *, model: str, stage: str, criterion: str | None = None
         entry = {f"hfprune.{k}": v for k, v in model_entry(cfg, model).items() if k != "name"}
         parent_id = store.parent_run(exp_id, model, entry)
         tags = {MLFLOW_PARENT_RUN_ID: parent_id, MODEL_TAG: model, STAGE_TAG: stage, ROLE_TAG: "job",
-                "hfprune.criterion": criterion or "dense", "hfprune.recovered": str(recovered)}
+                "hfprune.criterion": criterion or "dense", "hfprune.recovered": str(recovered),
+                SEED_TAG: str(cfg["calibration"]["seed"]), VARIANT_TAG: variant}
         if ratio is not None:
             tags["hfprune.ratio"] = str(ratio)
         seed = cfg["calibration"]["seed"] if criterion else None  # the dense row has no calibration draw
-        if seed is not None:
-            tags["hfprune.seed"] = str(seed)
         tags.update({HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
                      PID_START_TAG: str(_process_start(os.getpid()))})
         child = store.call("create_run", exp_id, run_name=run_name(stage, criterion, ratio, recovered, seed),
@@ -336,7 +346,7 @@ def stage_run(cfg: dict, *, model: str, stage: str, criterion: str | None = None
     run = StageRun(store, child.info.run_id)
     status = "FAILED"
     try:
-        run.log_params(job_params(cfg, model, criterion, ratio, recovered))
+        run.log_params(job_params(cfg, model, criterion, ratio, recovered, variant))
         yield run
         status = "FINISHED"
     except KeyboardInterrupt:

@@ -7,20 +7,39 @@ import torch
 
 from hfprune.models import ModelSpec, ensure_available, load_model
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "olmo2", "granite", "phi3")
 REPO_RESOURCES = "resources"  # embedded models are materialised once and shared by every test
+
+# (config class, family-specific settings): each family's own quirks switched on, so the exactness tests meet them
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    "mistral": ("MistralConfig", {}),
+    "gemma": ("GemmaConfig", {"tie_word_embeddings": True}),
+    "gemma2": ("Gemma2Config", {"tie_word_embeddings": True, "sliding_window": 6,
+                                "final_logit_softcapping": 5.0, "attn_logit_softcapping": 10.0}),
+    "gemma3": ("Gemma3TextConfig", {"tie_word_embeddings": True, "sliding_window": 6,
+                                    "layer_types": ["sliding_attention", "full_attention"]}),
+    "olmo2": ("Olmo2Config", {}),
+    "granite": ("GraniteConfig", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5,
+                                  "attention_multiplier": 0.1, "logits_scaling": 4.0, "mlp_bias": True,
+                                  "attention_bias": True}),
+    "phi3": ("Phi3Config", {}),
+}
 
 
 def tiny_config(family: str, **overrides):
     """A 2-layer random config of `family` (GQA: 4 heads, 2 KV heads), small enough for exact checks."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    import transformers
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[family]
+    cls_name, family_kwargs = FAMILY_CONFIGS[family]
     kwargs = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-                  "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 211, "max_position_embeddings": 128,
-                  "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 211, "max_position_embeddings": 128,
+              "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+              **family_kwargs}
     kwargs.update(overrides)
-    return cls(**kwargs)
+    return getattr(transformers, cls_name)(**kwargs)
 
 
 def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):

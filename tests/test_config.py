@@ -95,3 +95,46 @@ def test_local_model_config_is_read_for_the_ratio_check(tmp_path, tiny_llama_dir
         check_models(cfg)
     cfg["ratios"] = [0.001]
     check_models(cfg)
+
+
+def test_family_is_read_from_the_checkpoint_when_not_written(tmp_path, capsys):
+    """Embedded models from their facts, local folders from config.json; a written family must match."""
+    from conftest import tiny_config
+
+    from hfprune.cli import main
+
+    tiny_config("gemma3").save_pretrained(tmp_path / "g3")  # config.json alone: no weights are read
+    tiny_config("phi3").save_pretrained(tmp_path / "phi")
+    models = [{"name": "smol", "source": "smollm2-135m"}, {"name": "g3", "source": str(tmp_path / "g3")},
+              {"name": "phi", "source": str(tmp_path / "phi"), "family": "phi3"}]
+    cfg = validate_config(with_(models=models))
+    assert [m["family"] for m in cfg["models"]] == ["llama", "gemma3", "phi3"]
+    check_models(cfg)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(with_(models=models)))
+    assert main(["validate", str(tmp_path / "c.yaml")]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["models"]
+    assert [m["family"] for m in printed] == ["llama", "gemma3", "phi3"]
+    wrong = validate_config(with_(models=[{"name": "g3", "family": "gemma2", "source": str(tmp_path / "g3")}]))
+    with pytest.raises(ConfigError, match=r"^config: invalid config field 'models\[0\]': model 'g3': config says "
+                                          r"family 'gemma2' but the checkpoint is 'gemma3_text' \(gemma3\)"):
+        check_models(wrong)
+
+
+def test_unsupported_checkpoint_without_family_is_refused_listing_the_families(tmp_path):
+    from transformers import GPT2Config
+
+    from hfprune.adapters import ADAPTERS
+
+    GPT2Config(n_layer=1).save_pretrained(tmp_path / "gpt2")
+    cfg = validate_config(with_(models=[{"name": "g", "source": str(tmp_path / "gpt2")}]))
+    assert "family" not in cfg["models"][0]
+    with pytest.raises(ConfigError, match=r"'models\[0\]': unsupported architecture 'gpt2' \(model_type 'gpt2'\)") as err:
+        check_models(cfg)
+    assert "\n" not in str(err.value) and all(f"{name}: " in str(err.value) for name in ADAPTERS)
+
+
+def test_family_enum_is_the_adapter_registry():
+    from hfprune.adapters import ADAPTERS
+    from hfprune.config import schema
+
+    assert schema()["properties"]["models"]["items"]["properties"]["family"]["enum"] == list(ADAPTERS)

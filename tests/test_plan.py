@@ -85,6 +85,10 @@ def test_global_plan_same_budget_with_floor():
 
 def test_mlp_attn_plan_counts_kv_groups_toward_the_ratio(family):
     config = tiny_config(family)
+    if adapter_class(family).no_kv_pruning:  # refused by name (test_surgery.test_kv_pruning_is_refused_by_name)
+        with pytest.raises(ConfigError, match=f"family '{family}' does not support mlp\\+attn"):
+            make_plan(_scores(config, attn=True), config, 0.3, family, scope="mlp+attn", kv_fraction=0.5)
+        return
     plan = make_plan(_scores(config, attn=True), config, 0.3, family, scope="mlp+attn", kv_fraction=0.5)
     assert all(len(layer["kv_keep"]) == 1 for layer in plan["layers"])
     assert len(plan["layers"][0]["mlp_keep"]) > neurons_to_keep(config, 0.3, family)

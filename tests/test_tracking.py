@@ -167,3 +167,31 @@ def test_concurrent_jobs_share_one_parent_run(store_dir):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert sorted(c.data.metrics["average"] for c in children) == [0.1, 0.2, 0.3]
     assert parents[0].info.status == "FINISHED"
+
+
+def test_experiment_opens_on_its_runs_table_and_runs_carry_the_filter_keys(store_dir):
+    """MLflow 3's UI reads the experiment tag mlflow.experimentKind; without it the experiment opens in the GenAI
+    view. Set when hfprune creates the experiment, and added to one created without it."""
+    from mlflow import MlflowClient
+
+    tmp_path = store_dir
+    cfg = _cfg(tmp_path)
+    cfg["calibration"]["seed"] = 7
+    with tracking.stage_run(cfg, model="tiny", stage="score", criterion="magnitude") as run:
+        pass
+    client = _client(cfg)
+    assert client.get_experiment_by_name("trk").tags["mlflow.experimentKind"] == "custom_model_development"
+    child = client.get_run(run.run_id)
+    p, t = child.data.params, child.data.tags
+    assert (p["model"], p["criterion"], p["ratio"], p["seed"], p["global_seed"], p["variant"]) == (
+        "tiny", "magnitude", "0.0", "7", "0", "default")
+    assert (t["hfprune.model"], t["hfprune.criterion"], t["hfprune.seed"], t["hfprune.variant"]) == (
+        "tiny", "magnitude", "7", "default")
+    # an experiment an older hfprune (or anyone) created without the tag gets it on the next job
+    exp_id = MlflowClient(tracking.tracking_uri(cfg)).create_experiment("old")
+    assert "mlflow.experimentKind" not in client.get_experiment(exp_id).tags
+    with tracking.stage_run({**cfg, "experiment": "old"}, model="tiny", stage="evaluate", criterion="magnitude",
+                            ratio=0.2) as run:
+        pass
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_run(run.run_id).data.tags["hfprune.ratio"] == "0.2"

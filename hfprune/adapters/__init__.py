@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from hfprune.adapters.base import AttentionParts, MLPParts, ModelAdapter
+from hfprune.adapters.gemma import GemmaAdapter
+from hfprune.adapters.gemma2 import Gemma2Adapter
+from hfprune.adapters.gemma3 import Gemma3Adapter
+from hfprune.adapters.granite import GraniteAdapter
 from hfprune.adapters.llama import LlamaAdapter
 from hfprune.adapters.mistral import MistralAdapter
+from hfprune.adapters.olmo2 import Olmo2Adapter
+from hfprune.adapters.phi3 import Phi3Adapter
 from hfprune.adapters.qwen2 import Qwen2Adapter
 from hfprune.adapters.qwen3 import Qwen3Adapter
 from hfprune.errors import UnsupportedModelError
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
-    cls.family: cls for cls in (LlamaAdapter, Qwen2Adapter, Qwen3Adapter, MistralAdapter)
+    cls.family: cls for cls in (LlamaAdapter, Qwen2Adapter, Qwen3Adapter, MistralAdapter, GemmaAdapter,
+                                Gemma2Adapter, Gemma3Adapter, Olmo2Adapter, GraniteAdapter, Phi3Adapter)
 }
 
 __all__ = ["ADAPTERS", "AttentionParts", "MLPParts", "ModelAdapter", "adapter_class", "get_adapter",

@@ -8,24 +8,40 @@ we support share the LLaMA layout (``model.model.layers[i].mlp.{gate,up,down}_pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from hfprune.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class MLPParts:
-    gate: nn.Linear
+    gate: nn.Linear | None  # None: gate and up are one fused Linear `up` with rows [gate; up] (Phi-3)
     up: nn.Linear
     down: nn.Linear
+
+    def row_weights(self) -> list[torch.Tensor]:
+        """The gate and up weights, [intermediate, hidden] each: row i belongs to neuron i."""
+        if self.gate is None:
+            return list(self.up.weight.chunk(2, 0))
+        return [self.gate.weight, self.up.weight]
+
+    def row_slices(self, keep: torch.Tensor) -> list[tuple[nn.Linear, torch.Tensor]]:
+        """(Linear, output rows to keep) that keep the neurons `keep`: both halves of a fused gate_up alike."""
+        if self.gate is None:
+            return [(self.up, torch.cat([keep, keep + self.down.in_features]))]
+        return [(self.gate, keep), (self.up, keep)]
 
 
 @dataclass(frozen=True)
 class AttentionParts:
     module: nn.Module
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
+    q: nn.Linear | None  # None where q/k/v are fused (Phi-3; such families set `no_kv_pruning`)
+    k: nn.Linear | None
+    v: nn.Linear | None
     o: nn.Linear
     num_heads: int
     num_kv_heads: int
@@ -38,6 +54,8 @@ class ModelAdapter:
     family: str = ""
     model_types: tuple[str, ...] = ()
     description: str = ""
+    # why whole KV groups cannot be removed in this family (scope mlp+attn is refused, naming it); None: they can
+    no_kv_pruning: str | None = None
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -71,6 +89,17 @@ class ModelAdapter:
     def embed_tokens(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
 
+    def logits_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What the CausalLM head applies to lm_head's output (softcapping, scaling); None: nothing."""
+        return None
+
+    @classmethod
+    def check_scope(cls, scope: str) -> None:
+        """A one-line error, naming the family, where scope mlp+attn cannot be applied to it."""
+        if scope == "mlp+attn" and cls.no_kv_pruning:
+            raise ConfigError(f"pruning.scope: family {cls.family!r} does not support mlp+attn ({cls.no_kv_pruning})"
+                              "; use scope mlp")
+
     # --- bookkeeping after physical pruning ------------------------------------------------------------
     def set_attention_heads(self, layer: int, num_heads: int, num_kv_heads: int) -> None:
         """Record new head counts on the attention module (transformers reads them in forward)."""
@@ -100,7 +129,7 @@ class ModelAdapter:
         mlp = cls.params_per_mlp_neuron(config) * config.intermediate_size
         if getattr(config, "mlp_bias", False):
             mlp += h
-        norms = 2 * h
+        norms = cls.layer_norm_params(config)
         embed = vocab * h
         lm_head = 0 if getattr(config, "tie_word_embeddings", False) else vocab * h
         return embed + n_layers * (attn + mlp + norms) + h + lm_head
@@ -112,3 +141,7 @@ class ModelAdapter:
     @classmethod
     def attention_norm_params(cls, config, head_dim: int) -> int:
         return 0
+
+    @classmethod
+    def layer_norm_params(cls, config) -> int:
+        return 2 * config.hidden_size  # RMSNorm before attention and before the MLP

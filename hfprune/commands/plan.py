@@ -44,9 +44,10 @@ def run(args) -> int:
     if header.get("model") not in (None, spec.name):
         raise HFPruneError(f"--scores {scores_path} were computed for model {header['model']!r}, not {spec.name!r}")
     pruning = cfg["pruning"]
-    plan = make_plan(scores, AutoConfig.from_pretrained(ensure_available(spec, cfg["resources_dir"])), args.ratio,
-                     spec.family, allocation=pruning["allocation"], scope=pruning["scope"],
-                     min_keep_fraction=pruning["min_keep_fraction"], kv_fraction=pruning["attn_kv_group_fraction"],
+    model_config = AutoConfig.from_pretrained(ensure_available(spec, cfg["resources_dir"]))
+    spec = spec.resolved(model_config)
+    plan = make_plan(scores, model_config, args.ratio, spec.family, allocation=pruning["allocation"],
+                     scope=pruning["scope"], min_keep_fraction=pruning["min_keep_fraction"], kv_fraction=pruning["attn_kv_group_fraction"],
                      meta={"model": spec.name, "criterion": header.get("criterion"),
                            "seed": header.get("calibration_seed")})
     plan["scores_file"] = str(scores_path)

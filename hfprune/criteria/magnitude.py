@@ -18,7 +18,7 @@ class MagnitudeCriterion(WeightCriterion):
         out = {}
         for i in range(adapter.num_layers):
             m = adapter.mlp(i)
-            out[f"mlp.{i}"] = (_rows2(m.gate.weight, 1) + _rows2(m.up.weight, 1) + _rows2(m.down.weight, 0)).sqrt().cpu()
+            out[f"mlp.{i}"] = (sum(_rows2(w, 1) for w in m.row_weights()) + _rows2(m.down.weight, 0)).sqrt().cpu()
             if attn:
                 a = adapter.attention(i)
                 norm2 = sum(group_sum(_rows2(w, dim), a.num_kv_heads)

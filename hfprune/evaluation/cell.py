@@ -86,6 +86,7 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     dense, tokenizer = load_model(spec, cfg["resources_dir"], cfg["dtype"], cfg["device_map"])
+    spec = spec.resolved(dense.config)  # the family, where the config could not name it before the download
     if cfg["device_map"] is None:
         dense.to(device)
     if recovered_dir is not None:
