@@ -115,7 +115,7 @@ def test_calibration_seeds_are_an_axis(tmp_path):
     rules, _ = _dag(tmp_path, path)
     count = Counter(rules.values())
     assert count["score"] == count["plan"] == count["evaluate_pruned"] == (1 + 3 + 3) + (1 + 1 + 1)
-    out = _snakemake(tmp_path, "-n", "--configfile", str(path)).stdout
+    out = _snakemake(tmp_path, "-n", "-p", "--configfile", str(path)).stdout
     assert "scores/smollm2-135m/taylor_entropy/s2.safetensors" in out and "--seed 2" in out
     assert "scores/second/random/s5.safetensors" in out and "scores/smollm2-135m/magnitude/s1" not in out
 
