@@ -6,7 +6,6 @@ hub id ("org/name"). Embedded models are materialised once under ``<resources>/m
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from hfprune.adapters import adapter_class
 from hfprune.assets import EMBEDDED_MODELS, materialise
 from hfprune.errors import HFPruneError
+from hfprune.runtime import read_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,7 +90,7 @@ def architecture(spec: ModelSpec, resources_dir: str | os.PathLike = "resources"
         path = try_to_load_from_cache(spec.source, "config.json")
         if not isinstance(path, str):
             return None
-    return SimpleNamespace(**json.loads(Path(path).read_text()))
+    return SimpleNamespace(**read_json(path, "model config"))
 
 
 def resolve_dtype(name: str) -> torch.dtype:

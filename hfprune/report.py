@@ -91,8 +91,12 @@ def load_cells(cfg: dict) -> tuple[pd.DataFrame, list[str], list[tuple]]:
     for path in sorted(root.rglob("*.json")):
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue  # a job's atomic-write temporary, not a finished cell
-        metrics = read_json(path)
-        row = cell_row(metrics)
+        metrics = read_json(path, "metrics file")
+        try:
+            row = cell_row(metrics)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # hand-edited or another tool's JSON
+            raise HFPruneError(f"metrics file {str(path)!r}: not a metrics JSON of docs/CONTRACTS.md "
+                               f"({type(exc).__name__}: {exc}); delete it and rerun its evaluate job") from None
         key = (row["model"], row["criterion"], format_ratio(row["ratio"]), row["recovered"])
         if key in wanted:
             rows[key] = row
@@ -111,7 +115,7 @@ def load_plans(cfg: dict, model: str) -> dict[str, dict]:
         for ratio in cfg["ratios"]:
             path = experiment_dir(cfg) / "plans" / model / crit / f"r{format_ratio(ratio)}.json"
             if path.is_file():
-                out[f"{crit} r{format_ratio(ratio)}"] = read_json(path)
+                out[f"{crit} r{format_ratio(ratio)}"] = read_json(path, "plan file")
     return out
 
 
@@ -121,7 +125,7 @@ def scoring_cost(cfg: dict) -> pd.DataFrame:
         for crit in cfg["criteria"]:
             path = experiment_dir(cfg) / "scores" / model / f"{crit}.json"
             if path.is_file():
-                meta = read_json(path)
+                meta = read_json(path, "score sidecar")
                 cal = meta.get("calibration") or {}
                 peak = meta.get("peak_memory_mb")
                 rows.append({"model": model, "method": "ours", "criterion": crit, "seconds": meta.get("seconds"),

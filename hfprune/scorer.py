@@ -170,7 +170,7 @@ def _output_gradients(model, H, criteria, labels, valid, teacher_H, chunk: int |
     n = max(len(rows), 1)
     labels = labels.reshape(-1)
     teacher_Hf = teacher_H.reshape(-1, hidden) if teacher_H is not None else None
-    closed = [type(c).logit_gradient_ is not GradientCriterion.logit_gradient_ for c in criteria]
+    closed = [c.closed_form() for c in criteria]
     need_graph = not all(closed)
     chunk = chunk or max(1, LOGITS_CHUNK_BYTES // (4 * weight.shape[0]))
     size = min(chunk, len(rows))
