@@ -55,7 +55,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             architecture={"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
                           "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
                           "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True,
-                          "attention_bias": False, "mlp_bias": False},
+                          "attention_bias": False, "mlp_bias": False,
+                          "max_position_embeddings": 8192},
         ),
         EmbeddedModel(
             name="qwen2.5-coder-0.5b",
@@ -67,7 +68,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             architecture={"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
                           "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-                          "vocab_size": 151936, "tie_word_embeddings": False},
+                          "vocab_size": 151936, "tie_word_embeddings": False,
+                          "max_position_embeddings": 32768},
         ),
     )
 }
@@ -124,8 +126,10 @@ def _verify(model: EmbeddedModel, sha: str, size: int, parts: list[Path]) -> Non
 
 
 def _is_materialised(out: Path, model: EmbeddedModel) -> bool:
+    from hfprune.runtime import read_json
+
     marker = out / ASSET_MARKER
-    return marker.is_file() and json.loads(marker.read_text()).get("sha256") == model.sha256
+    return marker.is_file() and read_json(marker, "asset marker").get("sha256") == model.sha256
 
 
 def materialise(name: str, out_dir: str | os.PathLike) -> Path:

@@ -100,11 +100,13 @@ def _fill_families(cfg: dict) -> None:
 
 
 def check_models(cfg: dict, source: str = "config") -> None:
-    """Sources that exist, families that match them, and ratios every model can reach, from config.json alone.
+    """Sources that exist, families that match them, ratios every model can reach, sequence lengths within its
+    positions and scoring within the device's memory (hfprune.limits), from config.json alone.
 
     Called where a grid starts (the Snakefile, `hfprune validate`) so that it does not find out in its plan
     jobs, after hours of scoring; single jobs meet the same errors when they load the model.
     """
+    from hfprune.limits import check_model_limits
     from hfprune.models import ModelSpec, architecture
     from hfprune.plan import check_feasible
 
@@ -124,16 +126,18 @@ def check_models(cfg: dict, source: str = "config") -> None:
             except ConfigError as exc:
                 raise ConfigError(f"{source}: invalid config field 'ratios[{j}]' for model {spec.name!r}: "
                                   f"{exc}") from None
+        if arch is not None:
+            check_model_limits(cfg, spec.name, arch, source=source)
 
 
 def load_config(path: str | Path) -> dict:
+    from hfprune.runtime import reading
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    with reading(path, "config file", ConfigError) as p:  # not UTF-8, not YAML: one line naming the file
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     return validate_config(raw, source=str(path))
 
 

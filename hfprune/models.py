@@ -8,7 +8,6 @@ hub id ("org/name"). Embedded models are materialised once under ``<resources>/m
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from hfprune.adapters import adapter_class
 from hfprune.assets import EMBEDDED_MODELS, materialise
 from hfprune.errors import HFPruneError
+from hfprune.runtime import read_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,7 +97,7 @@ def architecture(spec: ModelSpec, resources_dir: str | os.PathLike = "resources"
         path = try_to_load_from_cache(spec.source, "config.json")
         if not isinstance(path, str):
             return None
-    return SimpleNamespace(**json.loads(Path(path).read_text()))
+    return SimpleNamespace(**read_json(path, "model config"))
 
 
 def checkpoint_family(spec: ModelSpec, resources_dir: str | os.PathLike = "resources") -> str | None:

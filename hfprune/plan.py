@@ -10,12 +10,13 @@ toward the ratio, so fewer MLP neurons are removed.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 
 from hfprune.adapters import adapter_class
-from hfprune.errors import ConfigError
+from hfprune.errors import ConfigError, HFPruneError
 
 
 def format_ratio(ratio: float) -> str:
@@ -83,6 +84,80 @@ def check_feasible(model_config, ratio: float, family: str, allocation: str = "u
     return keep, floor, kv_remove
 
 
+def removed_params(config, family: str, mlp_keep: list, kv_keep: list) -> int:
+    """Parameters removed by per-layer kept MLP neurons and kept KV groups (None: all kept): what ratios count."""
+    mlp = sum(config.intermediate_size - len(k) for k in mlp_keep) * adapter_class(family).params_per_mlp_neuron(config)
+    return mlp + _kv_removed_params(config, family, kv_keep)
+
+
+def _kv_removed_params(config, family: str, kv_keep: list) -> int:
+    groups = sum(config.num_key_value_heads - len(k) for k in kv_keep if k is not None)
+    return groups * params_per_kv_group(config, family)
+
+
+def _check_keep(field: str, keep, size: int, unit: str) -> None:
+    if not isinstance(keep, list) or not keep:
+        raise HFPruneError(f"{field} must be a non-empty list of {unit} indices")
+    for x in keep:
+        if not isinstance(x, int) or isinstance(x, bool):
+            raise HFPruneError(f"{field} holds {x!r}, not an integer {unit} index")
+        if not 0 <= x < size:
+            raise HFPruneError(f"{field} holds {unit} {x}, outside 0..{size - 1}")
+    for a, b in itertools.pairwise(keep):
+        if b == a:  # pruning would copy the same neuron twice into the smaller layer
+            raise HFPruneError(f"{field} repeats {unit} {a}")
+        if b < a:
+            raise HFPruneError(f"{field} is not sorted ({a} before {b})")
+
+
+def check_indices(plan: dict, mlp_sizes: list[int], kv_heads: list[int]) -> None:
+    """One entry per layer, each keeping a non-empty, strictly increasing list of integer indices below the
+    layer's size (MLP neurons; KV groups, or null for all)."""
+    layers = plan["layers"]
+    if len(layers) != len(mlp_sizes):
+        raise HFPruneError(f"plan has {len(layers)} layers, the model {len(mlp_sizes)}; "
+                           "was the plan made for another model?")
+    for i, entry in enumerate(layers):
+        if not isinstance(entry, dict):
+            raise HFPruneError(f"layers[{i}] must be an object with mlp_keep and kv_keep")
+        _check_keep(f"layers[{i}].mlp_keep", entry.get("mlp_keep"), mlp_sizes[i], "neuron")
+        if entry.get("kv_keep") is not None:
+            _check_keep(f"layers[{i}].kv_keep", entry["kv_keep"], kv_heads[i], "KV group")
+
+
+def check_counts(plan: dict, config) -> None:
+    """The sizes and counts a plan records (those `make_plan` writes; hand-made plans may omit them) agree with
+    its indices and with the model: a plan edited by hand, or made for another model, stops here."""
+    cls = adapter_class(config)
+    layers = plan["layers"]
+    for key in ("intermediate_size_dense", "params_dense", "params_pruned", "achieved_ratio", "ratio"):
+        if key in plan and (not isinstance(plan[key], (int, float)) or isinstance(plan[key], bool)):
+            raise HFPruneError(f"{key} is {plan[key]!r}, not a number")
+    if plan.get("intermediate_size_dense", config.intermediate_size) != config.intermediate_size:
+        raise HFPruneError(f"intermediate_size_dense is {plan['intermediate_size_dense']}, the model's layers have "
+                           f"{config.intermediate_size} neurons; was the plan made for another model?")
+    dense = cls.count_params(config)
+    if plan.get("params_dense", dense) != dense:
+        raise HFPruneError(f"params_dense is {plan['params_dense']}, the model has {dense} parameters; "
+                           "was the plan made for another model?")
+    removed = removed_params(config, cls.family, [e["mlp_keep"] for e in layers], [e.get("kv_keep") for e in layers])
+    kept = [len(e["mlp_keep"]) for e in layers]
+    if plan.get("params_pruned", dense - removed) != dense - removed:
+        raise HFPruneError(f"params_pruned is {plan['params_pruned']}, but its layers (keeping {sum(kept)} neurons) "
+                           f"leave {dense - removed}: edited by hand? make it again with `hfprune plan`")
+    if not math.isclose(plan.get("achieved_ratio", removed / dense), removed / dense, rel_tol=1e-9):
+        raise HFPruneError(f"achieved_ratio is {plan['achieved_ratio']}, but its layers remove "
+                           f"{removed / dense:.6f} of the parameters: edited by hand? make it again with `hfprune plan`")
+    if "ratio" in plan and "params_pruned" in plan:
+        # make_plan misses the ratio by under a neuron per layer (rounding), or overshoots by the KV groups
+        # it removes when they alone exceed the ratio
+        kv = _kv_removed_params(config, cls.family, [e.get("kv_keep") for e in layers])
+        slack = (config.num_hidden_layers * cls.params_per_mlp_neuron(config) + kv) / dense
+        if abs(removed / dense - plan["ratio"]) > slack:
+            raise HFPruneError(f"ratio is {plan['ratio']}, but its layers remove {removed / dense:.4f} of the "
+                               "parameters: edited by hand? make it again with `hfprune plan`")
+
+
 def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
     # stable tie-break by index (sort is stable on CPU), so equal scores give a reproducible plan
     order = torch.sort(scores.float(), descending=True, stable=True).indices[:k]
@@ -91,15 +166,16 @@ def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
 
 def make_plan(scores: dict[str, torch.Tensor], model_config, ratio: float, family: str,
               allocation: str = "uniform", scope: str = "mlp", min_keep_fraction: float = 0.05,
-              kv_fraction: float = 0.0, meta: dict | None = None) -> dict:
-    """Kept indices per layer from score tensors `mlp.<i>` (and `attn_kv.<i>` for scope mlp+attn)."""
+              kv_fraction: float = 0.0, meta: dict | None = None, scores_name: str = "scores") -> dict:
+    """Kept indices per layer from score tensors `mlp.<i>` (and `attn_kv.<i>` for scope mlp+attn); `scores_name`
+    names them in errors (e.g. the score file)."""
     n_layers, size = model_config.num_hidden_layers, model_config.intermediate_size
     cls = adapter_class(family)
     layer_scores = []
     for i in range(n_layers):
         s = scores.get(f"mlp.{i}")
-        if s is None or s.numel() != size:
-            raise ConfigError(f"scores: missing or wrong-sized tensor 'mlp.{i}' (expected {size} values); "
+        if s is None or tuple(s.shape) != (size,):
+            raise ConfigError(f"{scores_name}: missing or wrong-sized tensor 'mlp.{i}' (expected {size} values); "
                               "were they computed for this model?")
         layer_scores.append(s.float())
     keep, floor, kv_remove = check_feasible(model_config, ratio, family, allocation, scope, min_keep_fraction,
@@ -113,13 +189,12 @@ def make_plan(scores: dict[str, torch.Tensor], model_config, ratio: float, famil
     if scope == "mlp+attn":
         for i in range(n_layers):
             s = scores.get(f"attn_kv.{i}")
-            if s is None or s.numel() != n_kv:
-                raise ConfigError(f"scores: missing tensor 'attn_kv.{i}' needed by pruning.scope mlp+attn; "
-                                  "score with scope mlp+attn")
+            if s is None or tuple(s.shape) != (n_kv,):
+                raise ConfigError(f"{scores_name}: missing or wrong-sized tensor 'attn_kv.{i}' (expected {n_kv} "
+                                  "values) needed by pruning.scope mlp+attn; score with scope mlp+attn")
             kv_keep[i] = _topk_sorted(s, n_kv - kv_remove)
     dense = cls.count_params(model_config)
-    removed = sum(size - len(k) for k in mlp_keep) * cls.params_per_mlp_neuron(model_config)
-    removed += n_layers * kv_remove * params_per_kv_group(model_config, family)
+    removed = removed_params(model_config, family, mlp_keep, kv_keep)
     return {**(meta or {}), "family": family, "ratio": ratio, "allocation": allocation, "scope": scope,
             "params_dense": dense, "params_pruned": dense - removed, "achieved_ratio": removed / dense,
             "intermediate_size_dense": size,

@@ -31,7 +31,7 @@ from hfprune.adapters import get_adapter
 from hfprune.config import model_entry
 from hfprune.data import contiguous_chunks, load_texts, texts_hash
 from hfprune.errors import ConfigError, HFPruneError
-from hfprune.models import ModelSpec, load_model
+from hfprune.models import ModelSpec, ensure_available, load_model
 from hfprune.runtime import (
     atomic_path,
     package_versions,
@@ -246,10 +246,12 @@ def run_recovery(cfg: dict, model_name: str, plan_path: str | os.PathLike, out_d
     Returns the recovery.json content; its `loss_curve` is the mean token loss per optimizer step.
     Bad settings, a plan that does not fit the model, or unknown LoRA targets fail before any training.
     """
+    from transformers import AutoConfig
+
     rcfg, seed = cfg["recovery"], cfg["seed"]
     check_settings(rcfg)
-    plan = read_plan(plan_path, model_name)
     spec = ModelSpec.from_config(model_entry(cfg, model_name))
+    plan = read_plan(plan_path, model_name, AutoConfig.from_pretrained(ensure_available(spec, cfg["resources_dir"])))
     device = resolve_device(cfg["device"])
     # fp32 on CPU (half-precision training there is slow and lossy); on GPU the config's weights dtype, with
     # the LoRA weights kept in fp32 by peft and the loss computed in fp32

@@ -110,8 +110,12 @@ def load_runs(cfg: dict) -> tuple[pd.DataFrame, dict[str, str], list[tuple]]:
     for path in sorted(root.rglob("*.json")):
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue  # a job's atomic-write temporary, not a finished cell
-        metrics = read_json(path)
-        row = cell_row(metrics)
+        metrics = read_json(path, "metrics file")
+        try:
+            row = cell_row(metrics)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # hand-edited or another tool's JSON
+            raise HFPruneError(f"metrics file {str(path)!r}: not a metrics JSON of docs/CONTRACTS.md "
+                               f"({type(exc).__name__}: {exc}); delete it and rerun its evaluate job") from None
         if _cell_key(row) in wanted:
             rows[_cell_key(row)] = row
             for task, res in (metrics.get("tasks") or {}).items():
@@ -182,7 +186,7 @@ def load_plans(cfg: dict, model: str) -> dict[str, dict]:
         for ratio in cfg["ratios"]:
             path = experiment_dir(cfg) / "plans" / model / crit / f"s{seed}" / f"r{format_ratio(ratio)}.json"
             if path.is_file():
-                out[f"{crit} r{format_ratio(ratio)}"] = read_json(path)
+                out[f"{crit} r{format_ratio(ratio)}"] = read_json(path, "plan file")
     return out
 
 
@@ -191,7 +195,7 @@ def scoring_cost(cfg: dict) -> pd.DataFrame:
     rows = []
     for model in (m["name"] for m in cfg["models"]):
         for crit in cfg["criteria"]:
-            metas = [read_json(p) for s in cell_seeds(cfg, model, crit)
+            metas = [read_json(p, "score sidecar") for s in cell_seeds(cfg, model, crit)
                      if (p := experiment_dir(cfg) / "scores" / model / crit / f"s{s}.json").is_file()]
             if not metas:
                 continue

@@ -172,8 +172,7 @@ def _output_gradients(model, H, criteria, labels, valid, teacher_H, chunk: int |
     n = max(len(rows), 1)
     labels = labels.reshape(-1)
     teacher_Hf = teacher_H.reshape(-1, hidden) if teacher_H is not None else None
-    closed = [transform is None and type(c).logit_gradient_ is not GradientCriterion.logit_gradient_
-              for c in criteria]
+    closed = [transform is None and c.closed_form() for c in criteria]
     head = lm_head if transform is None else (lambda x: transform(lm_head(x).float()))
     need_graph = not all(closed)
     chunk = chunk or max(1, LOGITS_CHUNK_BYTES // (4 * weight.shape[0]))

@@ -21,7 +21,8 @@ from torch import nn
 
 from hfprune.adapters import get_adapter
 from hfprune.errors import HFPruneError
-from hfprune.runtime import atomic_path
+from hfprune.plan import check_counts, check_indices
+from hfprune.runtime import atomic_path, read_json, read_safetensors, reading
 
 
 def _head_indices(kv_keep, n_rep: int, head_dim: int) -> torch.Tensor:
@@ -36,48 +37,33 @@ def _kv_indices(kv_keep, head_dim: int) -> torch.Tensor:
 
 def check_plan(adapter, plan: dict) -> None:
     """The plan's layer count and indices fit the model behind `adapter` (shapes only)."""
-    layers = plan["layers"]
-    if len(layers) != adapter.num_layers:
-        raise HFPruneError(f"plan has {len(layers)} layers, the model {adapter.num_layers}; "
-                           "was the plan made for another model?")
-    for i, entry in enumerate(layers):
-        size = adapter.mlp(i).down.in_features
-        keep = entry["mlp_keep"]
-        if not keep or min(keep) < 0 or max(keep) >= size:
-            raise HFPruneError(f"plan layers[{i}].mlp_keep is empty or out of range for {size} neurons")
-        kv = entry.get("kv_keep")
-        n_kv = adapter.attention(i).num_kv_heads if kv is not None else 0
-        if kv is not None and (not kv or min(kv) < 0 or max(kv) >= n_kv):
-            raise HFPruneError(f"plan layers[{i}].kv_keep is empty or out of range")
-        if kv is not None and len(kv) < n_kv:
-            adapter.check_scope("mlp+attn")
+    layers = range(adapter.num_layers)
+    check_indices(plan, [adapter.mlp(i).down.in_features for i in layers],
+                  [adapter.attention(i).num_kv_heads for i in layers])
+    if any(e.get("kv_keep") is not None and len(e["kv_keep"]) < adapter.attention(i).num_kv_heads
+           for i, e in enumerate(plan["layers"])):
+        adapter.check_scope("mlp+attn")  # families whose attention cannot lose KV groups refuse by name
 
 
 def read_plan(plan_path: str | os.PathLike, model_name: str, base_config=None) -> dict:
-    """Read a plan JSON made for `model_name`; with `base_config`, also check that it fits that model's shapes
-    (on a weightless meta-device skeleton, so this runs before any weight is read)."""
-    import json
-
+    """Read a plan JSON made for `model_name`; with `base_config` (the dense model's config), also check it against
+    that model before any weight is read: one entry per layer, indices unique, sorted and within the layer, and
+    the recorded sizes and parameter counts consistent with them (hfprune.plan.check_indices / check_counts)."""
     path = Path(plan_path)
     if not path.is_file():
         raise HFPruneError(f"plan file {str(path)!r} does not exist; run `hfprune plan` first")
-    try:
-        plan = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise HFPruneError(f"plan file {path}: not valid JSON: {exc}") from None
+    plan = read_json(path, "plan file")
     if not isinstance(plan, dict) or not isinstance(plan.get("layers"), list):
-        raise HFPruneError(f"plan file {path}: expected an object with a `layers` list (docs/CONTRACTS.md)")
+        raise HFPruneError(f"plan file {str(path)!r}: expected an object with a `layers` list (docs/CONTRACTS.md)")
     if plan.get("model", model_name) != model_name:
-        raise HFPruneError(f"plan file {path} is for model {plan['model']!r}, not {model_name!r}")
+        raise HFPruneError(f"plan file {str(path)!r} is for model {plan['model']!r}, not {model_name!r}")
     if base_config is not None:
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(base_config)
+        layers = base_config.num_hidden_layers
         try:
-            check_plan(get_adapter(skeleton), plan)
+            check_indices(plan, [base_config.intermediate_size] * layers, [base_config.num_key_value_heads] * layers)
+            check_counts(plan, base_config)
         except HFPruneError as exc:
-            raise HFPruneError(f"plan file {path} does not fit model {model_name!r}: {exc}") from None
+            raise HFPruneError(f"plan file {str(path)!r} does not fit model {model_name!r}: {exc}") from None
     return plan
 
 
@@ -182,15 +168,16 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike) -> Path:
 
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None):
     """Load a folder written by `save_pruned`, uniform or not (non-uniform folders need this loader)."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
+    with reading(path / "config.json", "model config"):
+        config = AutoConfig.from_pretrained(path)
     sizes = getattr(config, "hfprune_intermediate_sizes", None)
     kv_heads = getattr(config, "hfprune_num_key_value_heads", None)
     if sizes is None and kv_heads is None:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        with reading(path, "model folder"):
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     n_layers = config.num_hidden_layers
     sizes = sizes or [config.intermediate_size] * n_layers
     kv_heads = kv_heads or [config.num_key_value_heads] * n_layers
@@ -207,7 +194,7 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None):
                                    for s, k in zip(sizes, kv_heads)]})
     state = {}
     for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(f))
+        state.update(read_safetensors(f, "model weights")[0])
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in missing if k not in tied]

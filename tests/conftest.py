@@ -1,6 +1,10 @@
-"""Shared fixtures: tiny random models of every supported family, and the real embedded models."""
+"""Shared fixtures: tiny random models of every supported family, and the real embedded models; and the
+isolation of the suite from the checkout's results/ (its MLflow store above all)."""
 
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +12,52 @@ import torch
 from hfprune.models import ModelSpec, ensure_available, load_model
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "olmo2", "granite", "phi3")
-REPO_RESOURCES = "resources"  # embedded models are materialised once and shared by every test
+ROOT = Path(__file__).resolve().parents[1]
+# embedded models are materialised once and shared (read-only) by every test, whatever the working directory
+REPO_RESOURCES = str(ROOT / "resources")
+CHECKOUT_RESULTS = ROOT / "results"
+_RESULTS_STATE = pytest.StashKey[dict]()
+
+
+def _results_state() -> dict:
+    """Every file under the checkout's results/ -> (size, mtime), and mlflow.db -> its sha256."""
+    state = {str(p.relative_to(ROOT)): (p.stat().st_size, p.stat().st_mtime_ns)
+             for p in CHECKOUT_RESULTS.rglob("*") if p.is_file()}
+    db = CHECKOUT_RESULTS / "mlflow.db"
+    if db.is_file():
+        digest = hashlib.sha256()
+        with open(db, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+        state["results/mlflow.db sha256"] = digest.hexdigest()
+    return state
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_RESULTS_STATE] = _results_state()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if any test wrote into the checkout's results/ (e.g. a run in the user's MLflow store)."""
+    before, after = session.config.stash.get(_RESULTS_STATE, None), _results_state()
+    if before is None or before == after:
+        return
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = (f"the test suite changed the checkout's results/ ({', '.join(changed[:5])}"
+               f"{' ...' if len(changed) > 5 else ''}): tests must write under tmp_path only")
+    if reporter is not None:
+        reporter.write_line(f"ERROR: {message}", red=True, bold=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _outside_the_checkout(tmp_path_factory):
+    """The suite runs in a temporary working directory: whatever a config leaves relative (`results_dir:
+    results`, the default tracking URI `sqlite:///results/mlflow.db`) lands there, never in the checkout."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path_factory.mktemp("cwd"))
+        yield
 
 # (config class, family-specific settings): each family's own quirks switched on, so the exactness tests meet them
 FAMILY_CONFIGS = {
@@ -30,12 +79,13 @@ FAMILY_CONFIGS = {
 
 
 def tiny_config(family: str, **overrides):
-    """A 2-layer random config of `family` (GQA: 4 heads, 2 KV heads), small enough for exact checks."""
+    """A 2-layer random config of `family` (GQA: 4 heads, 2 KV heads), small enough for exact checks; 1024
+    positions take every default sequence length of the config schema."""
     import transformers
 
     cls_name, family_kwargs = FAMILY_CONFIGS[family]
     kwargs = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 211, "max_position_embeddings": 128,
+              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 211, "max_position_embeddings": 1024,
               "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
               **family_kwargs}
     kwargs.update(overrides)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import REPO_RESOURCES
 
 from hfprune import assets
 from hfprune.assets import EMBEDDED_MODELS, AssetError, materialise
@@ -25,7 +26,7 @@ EXPECTED = {  # from ../shared/OFFLINE_ASSETS.md
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_embedded_model_loads_with_expected_shapes_and_knows_paris(name):
     exp = EXPECTED[name]
-    model, tok = load_model(ModelSpec(name, EMBEDDED_MODELS[name].family, name), "resources")
+    model, tok = load_model(ModelSpec(name, EMBEDDED_MODELS[name].family, name), REPO_RESOURCES)
     cfg = model.config
     assert type(model).__name__ == exp["cls"]
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (exp["hidden"], exp["inter"],
@@ -40,7 +41,7 @@ def test_embedded_model_loads_with_expected_shapes_and_knows_paris(name):
     ids = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=6, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
-    marker = json.loads((assets.Path("resources/models") / name / assets.ASSET_MARKER).read_text())
+    marker = json.loads((assets.Path(REPO_RESOURCES) / "models" / name / assets.ASSET_MARKER).read_text())
     assert marker["sha256"] == EMBEDDED_MODELS[name].sha256
 
 

@@ -59,7 +59,7 @@ def test_file_errors_name_the_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("models: [unclosed\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"config file '.*bad\.yaml': not valid YAML \(.* at line 2, column 1\)$"):
         load_config(bad)
     notmap = tmp_path / "list.yaml"
     notmap.write_text("- 1\n- 2\n")

@@ -267,8 +267,8 @@ def test_missing_text_file_fails_before_model_load(tiny_dir, no_model_load, monk
 
 @pytest.mark.parametrize("edit, message", [
     (lambda p: p["layers"].pop(), "plan has 1 layers, the model 2"),
-    (lambda p: p["layers"][1]["mlp_keep"].append(96), r"layers\[1\].mlp_keep is empty or out of range"),
-    (lambda p: p["layers"][0].update(kv_keep=[0, 5]), r"layers\[0\].kv_keep is empty or out of range"),
+    (lambda p: p["layers"][1]["mlp_keep"].append(96), r"layers\[1\].mlp_keep holds neuron 96, outside 0..95"),
+    (lambda p: p["layers"][0].update(kv_keep=[0, 5]), r"layers\[0\].kv_keep holds KV group 5, outside 0..1"),
     (lambda p: p.update(model="other"), "is for model 'other'"),
     (lambda p: p.pop("layers"), "expected an object with a `layers` list"),
 ])

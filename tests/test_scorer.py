@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import REPO_RESOURCES, tiny_model
 
 from hfprune.adapters import get_adapter
 from hfprune.criteria import get_criterion
@@ -198,13 +198,11 @@ def test_nan_stops_with_a_clear_error():
 
 
 def _config_file(tmp_path, source, family="llama"):
-    from pathlib import Path
-
     import yaml
 
     model = {"name": "m", "source": str(source), **({"family": family} if family else {})}
     cfg = {"models": [model],
-           "criteria": ["taylor_entropy"], "ratios": [0.2], "resources_dir": str(Path("resources").resolve()),
+           "criteria": ["taylor_entropy"], "ratios": [0.2], "resources_dir": REPO_RESOURCES,
            "device": "cpu", "calibration": {"num_sequences": 3, "seq_len": 16, "batch_size": 2}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     return ["--config", str(tmp_path / "c.yaml"), "--model", "m"]

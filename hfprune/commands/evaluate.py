@@ -18,8 +18,10 @@ def add_arguments(parser):
 def run(args) -> int:
     from hfprune import tracking
     from hfprune.evaluation import run_evaluation
+    from hfprune.limits import check_job
 
     cfg = load_config(args.config)
+    check_job(cfg, args.model, "evaluate", source=args.config)
     with tracking.cell_run(cfg, args.model, "evaluate", args.plan, recovered=args.recovered is not None) as mlflow_run:
         result = run_evaluation(cfg, args.model, plan_path=args.plan, recovered_dir=args.recovered, out_path=args.out)
         tracking.log_cell_metrics(mlflow_run, result, args.out)

@@ -20,12 +20,11 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from safetensors import safe_open
     from transformers import AutoConfig
 
     from hfprune.models import ModelSpec, ensure_available
     from hfprune.plan import make_plan
-    from hfprune.runtime import write_json
+    from hfprune.runtime import read_safetensors, reading, write_json
 
     cfg = load_config(args.config)
     spec = ModelSpec.from_config(model_entry(cfg, args.model))
@@ -34,9 +33,9 @@ def run(args) -> int:
         raise HFPruneError(f"--scores {str(scores_path)!r} does not exist; run `hfprune score` first")
     if not 0 < args.ratio < 1:
         raise HFPruneError(f"--ratio {args.ratio} must be in (0, 1)")
-    with safe_open(str(scores_path), "pt") as f:
-        scores = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-        header = json.loads((f.metadata() or {}).get("hfprune", "{}"))
+    scores, metadata = read_safetensors(scores_path, "--scores")
+    with reading(scores_path, "--scores"):
+        header = json.loads(metadata.get("hfprune", "{}"))
     # topk ranks NaN above every number: a NaN neuron would be kept silently
     bad = [k for k, v in scores.items() if v.is_floating_point() and not v.isfinite().all()]
     if bad:
@@ -47,9 +46,11 @@ def run(args) -> int:
     model_config = AutoConfig.from_pretrained(ensure_available(spec, cfg["resources_dir"]))
     spec = spec.resolved(model_config)
     plan = make_plan(scores, model_config, args.ratio, spec.family, allocation=pruning["allocation"],
-                     scope=pruning["scope"], min_keep_fraction=pruning["min_keep_fraction"], kv_fraction=pruning["attn_kv_group_fraction"],
+                     scope=pruning["scope"], min_keep_fraction=pruning["min_keep_fraction"],
+                     kv_fraction=pruning["attn_kv_group_fraction"],
                      meta={"model": spec.name, "criterion": header.get("criterion"),
-                           "seed": header.get("calibration_seed")})
+                           "seed": header.get("calibration_seed")},
+                     scores_name=f"--scores {str(scores_path)!r}")
     plan["scores_file"] = str(scores_path)
     plan["scores_sha256"] = hashlib.sha256(scores_path.read_bytes()).hexdigest()
     write_json(args.out, plan)

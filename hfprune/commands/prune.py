@@ -14,12 +14,14 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from hfprune.models import ModelSpec, load_model
+    from transformers import AutoConfig
+
+    from hfprune.models import ModelSpec, ensure_available, load_model
     from hfprune.surgery import prune_model, read_plan, save_pruned
 
     cfg = load_config(args.config)
     spec = ModelSpec.from_config(model_entry(cfg, args.model))
-    plan = read_plan(args.plan, spec.name)
+    plan = read_plan(args.plan, spec.name, AutoConfig.from_pretrained(ensure_available(spec, cfg["resources_dir"])))
     model, tok = load_model(spec, cfg["resources_dir"], dtype=cfg["dtype"])
     prune_model(model, plan)
     save_pruned(model, tok, args.out)

@@ -19,8 +19,10 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from hfprune import tracking
+    from hfprune.limits import check_job
 
     cfg = load_config(args.config)
+    check_job(cfg, args.model, "recover", source=args.config)
     with tracking.cell_run(cfg, args.model, "recover", args.plan, recovered=True) as mlflow_run:
         summary = run_recovery(cfg, args.model, args.plan, args.out)
         tracking.log_recovery(mlflow_run, summary, args.out)

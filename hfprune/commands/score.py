@@ -16,9 +16,11 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from hfprune import tracking
+    from hfprune.limits import check_job
     from hfprune.scorer import run_scoring
 
     cfg = with_seed(load_config(args.config), args.model, args.seed)
+    check_job(cfg, args.model, "score", [args.criterion], source=args.config)  # before any weight or MLflow run
     with tracking.stage_run(cfg, model=args.model, stage="score", criterion=args.criterion) as mlflow_run:
         summary = run_scoring(cfg, args.model, args.criterion, args.out)
         tracking.log_scores(mlflow_run, args.out)

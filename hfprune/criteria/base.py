@@ -80,6 +80,11 @@ class GradientCriterion(Criterion):
         """
         raise NotImplementedError
 
+    @classmethod
+    def closed_form(cls) -> bool:
+        """Whether the criterion overrides `logit_gradient_` (else autograd goes through `position_loss`)."""
+        return cls.logit_gradient_ is not GradientCriterion.logit_gradient_
+
     def token_scores(self, contribution: torch.Tensor) -> torch.Tensor:
         """Per-token importance from the first-order contribution h * dC/dh (fp32); summed over tokens."""
         return contribution.abs()

@@ -27,7 +27,14 @@ from hfprune.evaluation.records import (
 )
 from hfprune.evaluation.runner import evaluate_tasks, select_tasks
 from hfprune.models import ModelSpec, ensure_available, load_model, resolve_dtype
-from hfprune.runtime import package_versions, resolve_device, seed_everything, write_json
+from hfprune.runtime import (
+    package_versions,
+    quiet_lm_eval_git,
+    reading,
+    resolve_device,
+    seed_everything,
+    write_json,
+)
 
 
 def _check_texts(sources) -> None:
@@ -44,7 +51,8 @@ def _check_recovered(recovered_dir, plan: dict) -> None:
     path = Path(recovered_dir)
     if not (path / "config.json").is_file():
         raise HFPruneError(f"recovered model folder {str(path)!r} does not exist or has no config.json")
-    config = AutoConfig.from_pretrained(path)
+    with reading(path / "config.json", "recovered model config"):
+        config = AutoConfig.from_pretrained(path)
     sizes = getattr(config, "hfprune_intermediate_sizes", None) or [config.intermediate_size] * len(plan["layers"])
     expected = [len(layer["mlp_keep"]) for layer in plan["layers"]]
     if list(sizes) != expected:
@@ -117,7 +125,8 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
     tasks, lm_meta = {}, {}
     if selection is not None:
         start = time.perf_counter()
-        tasks, lm_meta, raw = evaluate_tasks(model, tokenizer, selection, ev["batch_size"], log_samples=True)
+        with quiet_lm_eval_git():
+            tasks, lm_meta, raw = evaluate_tasks(model, tokenizer, selection, ev["batch_size"], log_samples=True)
         seconds["lm_eval"] = time.perf_counter() - start
         records += task_records(selection, raw["samples"])
     start = time.perf_counter()

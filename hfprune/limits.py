@@ -1,0 +1,191 @@
+"""What a model and a machine allow, checked from config.json alone before any weight is read.
+
+Sequence lengths: every token sequence a stage feeds the model at once must fit the model's positions
+(`max_position_embeddings`); beyond them RoPE models do not fail, they silently run out of distribution (and
+slowly out of memory).
+
+Scoring memory: an estimate of a scoring job's peak against the device's memory, so that a config that cannot
+fit stops at once with the knob to turn instead of swapping for minutes or being OOM-killed. The estimate
+(bytes; b = bytes per weight of `dtype`, n = batch x seq_len tokens of one batch, h = hidden size, I =
+intermediate size, L = layers, H = attention heads, T = seq_len, V = vocabulary):
+
+- weights: parameters x b;
+- per layer, what the backward keeps (parameters are frozen, so a Linear keeps nothing for its input gradient;
+  RMSNorms, rotary, attention and the gated MLP do): n x (4I + 8h) x b, plus attention probabilities
+  batch x H x T^2 in fp32 where the attention kernel stores them (an upper bound on fused kernels);
+  the four I-wide terms are the gate output, SiLU(gate), the up output and the captured down_proj input;
+- gradient criteria: L such layers, or with gradient checkpointing each layer's input and captured
+  down_proj input (L x n x (h + I) x b) plus one layer being recomputed; plus one layer's gradients in
+  flight, and the logits of one chunk (scoring.logits_chunk tokens x V in fp32, default 256 MiB) four times
+  (the reused buffer, its spare copy, softmax temporaries, the teacher's logits), eight times for criteria
+  differentiated by autograd (taylor_kd, taylor_entropy_topk);
+- activation criteria: the captured down_proj inputs of every layer plus one layer; weight criteria: weights;
+- the runtime: 1 GiB on CPU (Python, torch, tokenizer, text), 0.5 GiB on CUDA (allocator slack).
+
+The budget: HFPRUNE_MEMORY_BUDGET_MB if set (tests, or to overrule the guard), else MemAvailable of
+/proc/meminfo (psutil elsewhere) on CPU, or free memory of the visible CUDA devices (torch.cuda.mem_get_info;
+all of them with a device_map). A CUDA config checked on a machine without CUDA is left to its score job.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hfprune.errors import ConfigError
+
+MEMORY_BUDGET_ENV = "HFPRUNE_MEMORY_BUDGET_MB"
+STAGES = ("score", "evaluate", "recover")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GIB = 2**30
+RUNTIME_BYTES = {"cpu": GIB, "cuda": GIB // 2}
+LOGITS_COPIES = 4  # closed-form criteria; through autograd (taylor_kd, taylor_entropy_topk) log-softmax,
+LOGITS_COPIES_AUTOGRAD = 8  # the teacher's softened logits and their gradients add as many again
+
+
+def _criteria(names):
+    from hfprune.criteria import CRITERIA, get_criterion
+
+    for name in names:
+        if name not in CRITERIA:
+            get_criterion(name)  # raises the error that lists the criteria
+    return [CRITERIA[name] for name in names]
+
+
+def sequence_lengths(cfg: dict, stages=STAGES, criteria=None) -> list[tuple[str, int, str]]:
+    """(config field, positions the model sees at once, what they are) for every sequence the stages use."""
+    from hfprune.evaluation.efficiency import DECODE_PROMPT_TOKENS
+
+    out = []
+    cal, ev, rec = cfg["calibration"], cfg["evaluation"], cfg["recovery"]
+    if "score" in stages and any(c.requires_data for c in _criteria(criteria or cfg["criteria"])):
+        out.append(("calibration.seq_len", cal["seq_len"], f"{cal['seq_len']} tokens"))
+    if "evaluate" in stages:
+        if ev["perplexity"]["sources"]:
+            n = ev["perplexity"]["seq_len"]
+            out.append(("evaluation.perplexity.seq_len", n, f"{n} tokens"))
+        if ev["fidelity"]["enabled"]:
+            out.append(("evaluation.fidelity.seq_len", ev["fidelity"]["seq_len"], f"{ev['fidelity']['seq_len']} tokens"))
+        eff = ev["efficiency"]
+        if eff["enabled"]:
+            out.append(("evaluation.efficiency.prefill_tokens", eff["prefill_tokens"], f"{eff['prefill_tokens']} tokens"))
+            out.append(("evaluation.efficiency.decode_tokens", DECODE_PROMPT_TOKENS + eff["decode_tokens"],
+                        f"a {DECODE_PROMPT_TOKENS}-token prompt + {eff['decode_tokens']} decoded tokens"))
+    if "recover" in stages and rec["enabled"]:
+        out.append(("recovery.seq_len", rec["seq_len"], f"{rec['seq_len']} tokens"))
+    return out
+
+
+def check_sequence_lengths(cfg: dict, name: str, arch, stages=STAGES, criteria=None, source: str = "config"):
+    limit = getattr(arch, "max_position_embeddings", None)
+    if limit is None:
+        return
+    for field, positions, what in sequence_lengths(cfg, stages, criteria):
+        if positions > limit:
+            raise ConfigError(f"{source}: invalid config field {field!r}: {what} exceed the {limit} positions of "
+                              f"model {name!r} (max_position_embeddings in its config.json); lower it")
+
+
+def scoring_memory(arch, cfg: dict, criteria=None) -> dict[str, int]:
+    """Estimated peak bytes of scoring `arch` with the config's criteria (or `criteria`), by part (see above)."""
+    from hfprune.adapters import adapter_class
+    from hfprune.scorer import LOGITS_CHUNK_BYTES
+
+    crits = _criteria(criteria or cfg["criteria"])
+    b = DTYPE_BYTES[cfg["dtype"]]
+    cal, scoring = cfg["calibration"], cfg["scoring"]
+    h, inter, layers = arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers
+    seq = cal["seq_len"]
+    batch = min(cal["batch_size"], cal["num_sequences"])
+    n = batch * seq
+    layer = n * (4 * inter + 8 * h) * b + batch * arch.num_attention_heads * seq * seq * 4
+    parts = {"weights": adapter_class(arch).count_params(arch) * b, "activations": 0, "logits": 0}
+    if any(c.requires_gradient for c in crits):
+        kept = layers * n * (h + inter) * b + layer if scoring["gradient_checkpointing"] else layers * layer
+        parts["activations"] = kept + layer
+        chunk = scoring["logits_chunk"] or max(1, LOGITS_CHUNK_BYTES // (4 * arch.vocab_size))
+        grad = [c for c in crits if c.requires_gradient]
+        copies = LOGITS_COPIES if all(c.closed_form() for c in grad) else LOGITS_COPIES_AUTOGRAD
+        parts["logits"] = copies * min(chunk, n) * arch.vocab_size * 4
+    elif any(c.requires_data for c in crits):
+        parts["activations"] = layers * n * inter * b + layer
+    return parts
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def memory_budget(cfg: dict) -> tuple[int, str, str] | None:
+    """(bytes, what they are, device kind) a scoring job may use here; None where this machine cannot tell."""
+    env = os.environ.get(MEMORY_BUDGET_ENV)
+    device = cfg["device"]
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if env:
+        try:
+            return int(float(env) * 2**20), MEMORY_BUDGET_ENV, device
+        except ValueError:
+            raise ConfigError(f"{MEMORY_BUDGET_ENV}={env!r} is not a number of MiB") from None
+    if device == "cpu":
+        return _available_ram(), "available RAM", device
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    devices = range(torch.cuda.device_count()) if cfg["device_map"] is not None else [torch.cuda.current_device()]
+    return sum(torch.cuda.mem_get_info(d)[0] for d in devices), "free GPU memory", device
+
+
+def check_scoring_memory(cfg: dict, name: str, arch, criteria=None, source: str = "config") -> None:
+    budget = memory_budget(cfg)
+    if budget is None:
+        return
+    limit, what, device = budget
+    parts = scoring_memory(arch, cfg, criteria)
+    parts["runtime"] = RUNTIME_BYTES[device]
+    need = sum(parts.values())
+    if need <= limit:
+        return
+    cal = cfg["calibration"]
+    lower = [k for k, use in (("calibration.batch_size", min(cal["batch_size"], cal["num_sequences"]) > 1),
+                              ("calibration.seq_len", True),
+                              ("scoring.logits_chunk", parts["logits"] > parts["activations"])) if use]
+    other = [k for k, use in (("set scoring.gradient_checkpointing: true",
+                               parts["activations"] and not cfg["scoring"]["gradient_checkpointing"]),
+                              ("use dtype bfloat16", cfg["dtype"] == "float32")) if use]
+    detail = ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items() if v)
+    raise ConfigError(f"{source}: scoring model {name!r} needs about {need / GIB:.1f} GiB ({detail}), more than the "
+                      f"{limit / GIB:.1f} GiB of {what}; lower {' or '.join(lower)}"
+                      + "".join(f", or {k}" for k in other))
+
+
+def check_model_limits(cfg: dict, name: str, arch, stages=STAGES, criteria=None, source: str = "config") -> None:
+    """Sequence lengths against the model's positions, and (for scoring) memory against the device's."""
+    check_sequence_lengths(cfg, name, arch, stages, criteria, source)
+    if "score" in stages:
+        check_scoring_memory(cfg, name, arch, criteria, source)
+
+
+def check_job(cfg: dict, model_name: str, stage: str, criteria=None, source: str = "config") -> None:
+    """`check_model_limits` for one job, before it loads any weight (a hub model's config.json is fetched)."""
+    from hfprune.config import model_entry
+    from hfprune.models import ModelSpec, architecture
+
+    spec = ModelSpec.from_config(model_entry(cfg, model_name))
+    arch = architecture(spec, cfg["resources_dir"])
+    if arch is None:  # a hub model not cached yet
+        from transformers import AutoConfig
+
+        arch = AutoConfig.from_pretrained(spec.source)
+    check_model_limits(cfg, model_name, arch, (stage,), criteria, source)
