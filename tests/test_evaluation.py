@@ -280,7 +280,9 @@ def test_plan_that_does_not_fit_fails_before_model_load(tiny_dir, no_model_load,
 
 
 def test_recovered_folder_must_match_its_plan(tiny_dir, no_model_load, tmp_path):
-    plan = _plan(tiny_model("llama"), 0.2)
+    from transformers import AutoModelForCausalLM
+
+    plan = _plan(AutoModelForCausalLM.from_pretrained(tiny_dir), 0.005)  # a plan of this very model
     with pytest.raises(HFPruneError, match="needs its plan"):
         run_evaluation(_cfg(tiny_dir), "tiny", recovered_dir=tiny_dir)
     with pytest.raises(HFPruneError, match="was not made from this plan"):  # the dense folder is not pruned
