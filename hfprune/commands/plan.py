@@ -19,11 +19,29 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, help="output plan JSON")
 
 
-def run(args) -> int:
-    from safetensors import safe_open
+# what the ratio arithmetic (hfprune.plan) reads; head_dim, attention_bias and mlp_bias are optional there
+_PLAN_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+
+
+def _model_config(spec, resources_dir):
+    """The model's architecture facts from config.json (or the embedded model's registry entry) read as JSON:
+    importing transformers for AutoConfig would cost more than the whole plan. AutoConfig where a field the
+    plan needs is missing (its class default applies) or the config is not local."""
+    from hfprune.models import architecture, ensure_available
+
+    arch = architecture(spec, resources_dir)
+    if arch is not None and all(getattr(arch, k, None) is not None for k in _PLAN_FIELDS):
+        return arch
     from transformers import AutoConfig
 
-    from hfprune.models import ModelSpec, ensure_available
+    return AutoConfig.from_pretrained(ensure_available(spec, resources_dir))
+
+
+def run(args) -> int:
+    from safetensors import safe_open
+
+    from hfprune.models import ModelSpec
     from hfprune.plan import make_plan
     from hfprune.runtime import write_json
 
@@ -44,7 +62,7 @@ def run(args) -> int:
     if header.get("model") not in (None, spec.name):
         raise HFPruneError(f"--scores {scores_path} were computed for model {header['model']!r}, not {spec.name!r}")
     pruning = cfg["pruning"]
-    plan = make_plan(scores, AutoConfig.from_pretrained(ensure_available(spec, cfg["resources_dir"])), args.ratio,
+    plan = make_plan(scores, _model_config(spec, cfg["resources_dir"]), args.ratio,
                      spec.family, allocation=pruning["allocation"], scope=pruning["scope"],
                      min_keep_fraction=pruning["min_keep_fraction"], kv_fraction=pruning["attn_kv_group_fraction"],
                      meta={"model": spec.name, "criterion": header.get("criterion")})
