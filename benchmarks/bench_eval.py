@@ -7,7 +7,15 @@
 2. CPU prefill throughput (256 tokens -> 1) of SmolLM2 pruned at ratio 0.2 (uniform plan, magnitude scores)
    vs dense, timed alternately in one process. Target: >= 1.15x. Decode throughput (batch 8) is printed too.
 
+3. loglikelihood throughput of our lm-eval backend (`hfprune.evaluation.backend.SharedContextLM`: each shared
+   prefix computed once, rows batched across documents, output layer only at scored positions) vs the stock
+   HFLM, in one process, alternating per task, on the same seeded offline7 docs. Only the time inside the LM's
+   loglikelihood calls is timed (lm-eval's request building and metrics are the same for both). Per-choice
+   log-likelihoods must agree within 1e-4 and accuracies exactly. Targets: SmolLM2 >= 1.7x, Qwen >= 1.5x.
+   The last line printed is `eval backend speedup X.XXx (max |dloglik| Y)` (SmolLM2).
+
 Full run:    python benchmarks/bench_eval.py
+Quick run:   python benchmarks/bench_eval.py --quick       (part 3 only, SmolLM2, 20 docs per task, < 10 min)
 Reduced run: python benchmarks/bench_eval.py --tasks arc_easy boolq --limit 10 --repeats 3
 """
 
@@ -25,6 +33,7 @@ from pathlib import Path
 import torch
 
 MODEL = ("smollm2-135m", "llama", "smollm2-135m")
+QWEN = ("qwen2.5-coder-0.5b", "qwen2", "qwen2.5-coder-0.5b")
 
 
 def _worker(args) -> None:
@@ -115,6 +124,91 @@ def bench_prefill(args) -> None:
           f"speed-up {p['decode_tok_s'] / d['decode_tok_s']:.2f}x")
 
 
+def _backend_pass(lm, selection, task: str) -> tuple[float, dict, float | None, int]:
+    """One lm-eval run of `task` with `lm`; returns (seconds inside loglikelihood, per-choice logliks by doc,
+    accuracy, requests)."""
+    import lm_eval
+
+    seconds, count = 0.0, 0
+    inner = lm.loglikelihood
+
+    def timed(requests, *a, **k):
+        nonlocal seconds, count
+        start = time.perf_counter()
+        out = inner(requests, *a, **k)
+        seconds += time.perf_counter() - start
+        count += len(requests)
+        return out
+
+    lm.loglikelihood = timed
+    try:
+        res = lm_eval.simple_evaluate(model=lm, tasks=[selection.tasks[task]], task_manager=selection.task_manager,
+                                      samples={task: selection.samples[task]} if task in selection.samples else None,
+                                      log_samples=True)
+    finally:
+        del lm.loglikelihood
+    lls = {s["doc_id"]: [r[0][0] for r in s["resps"]] for s in res["samples"][task]}
+    acc = res["results"][task].get(f"{selection.metrics[task]},none")
+    return seconds, lls, acc, count
+
+
+def bench_backend(args, models) -> str:
+    """Part 3: stock HFLM vs SharedContextLM, alternating per task; returns the last line (first model's)."""
+    import logging
+
+    from lm_eval.models.huggingface import HFLM
+
+    from hfprune.data import bos_prefix
+    from hfprune.evaluation.backend import SharedContextLM
+    from hfprune.evaluation.runner import select_tasks
+    from hfprune.models import ModelSpec, load_model
+    from hfprune.tasks import resolve_suite
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    last = None
+    for entry in models:
+        model, tok = load_model(ModelSpec(*entry), args.resources)
+        add_bos = bool(bos_prefix(tok))
+        lms = {name: cls(pretrained=model, tokenizer=tok, batch_size=args.batch_size, add_bos_token=add_bos)
+               for name, cls in (("stock", HFLM), ("shared", SharedContextLM))}
+        specs = resolve_suite("offline7", args.tasks)
+        limit = args.backend_limit if entry == MODEL else max(5, args.backend_limit // 2)
+        names = [s.task for s in specs]
+        seconds = {b: dict.fromkeys(names, float("inf")) for b in lms}
+        lls, accs, docs, reqs = {}, {}, {}, {}
+        for rnd in range(args.backend_rounds):
+            for i, task in enumerate(names):
+                order = ["stock", "shared"] if (i + rnd) % 2 == 0 else ["shared", "stock"]
+                for b in order:
+                    selection = select_tasks(specs, limit, args.seed)  # fresh Task objects each run
+                    s, ll, acc, n = _backend_pass(lms[b], selection, task)
+                    seconds[b][task] = min(seconds[b][task], s)
+                    lls[b, task], accs[b, task], docs[task], reqs[task] = ll, acc, len(ll), n
+        print(f"eval backend, {entry[0]}, offline7, {limit} docs/task (seed {args.seed}), batch {args.batch_size}, "
+              f"{torch.get_num_threads()} threads, fp32, best of {args.backend_rounds} alternating rounds "
+              "(time inside loglikelihood calls):")
+        worst, same_acc = 0.0, True
+        for task in names:
+            d = max(abs(a - b) for doc, row in lls["stock", task].items()
+                    for a, b in zip(row, lls["shared", task][doc], strict=True))
+            worst = max(worst, d)
+            same_acc &= accs["stock", task] == accs["shared", task]
+            st, sh = seconds["stock"][task], seconds["shared"][task]
+            print(f"  {task:24s} {docs[task]:3d} docs {reqs[task]:4d} req  stock {docs[task] / st:6.2f} docs/s  "
+                  f"shared {docs[task] / sh:6.2f} docs/s  {st / sh:5.2f}x  max|dll| {d:.1e}  "
+                  f"acc {accs['stock', task]:.3f}/{accs['shared', task]:.3f}")
+        total_docs = sum(docs.values())
+        st, sh = sum(seconds["stock"].values()), sum(seconds["shared"].values())
+        print(f"  total {total_docs} docs: stock {st:.1f} s ({total_docs / st:.2f} docs/s), shared {sh:.1f} s "
+              f"({total_docs / sh:.2f} docs/s), speedup {st / sh:.2f}x (target "
+              f"{'1.7' if entry == MODEL else '1.5'}x); max |dloglik| {worst:.1e} (<= 1e-4); "
+              f"accuracies identical: {same_acc}")
+        line = f"eval backend speedup {st / sh:.2f}x (max |dloglik| {worst:.1e})"
+        last = last or line
+        del lms, model
+    return last
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["arc_easy", "arc_challenge", "boolq", "piqa", "hellaswag",
@@ -127,13 +221,26 @@ def main() -> None:
     parser.add_argument("--resources", default="resources")
     parser.add_argument("--skip-lm-eval", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true",
+                        help="only the backend comparison (part 3), SmolLM2, --backend-limit docs per task")
+    parser.add_argument("--backend-limit", type=int, default=20, help="docs per task for part 3")
+    parser.add_argument("--backend-rounds", type=int, default=None,
+                        help="alternating timing rounds for part 3 (default: 1 with --quick, else 2)")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.worker:
         _worker(args)
+        return
+    if args.backend_rounds is None:
+        args.backend_rounds = 1 if args.quick else 2
+    if args.quick:
+        print(bench_backend(args, [MODEL]))
         return
     if not args.skip_lm_eval:
         bench_lm_eval(args)
     bench_prefill(args)
+    print(bench_backend(args, [MODEL, QWEN]))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from hfprune.assets import EMBEDDED_MODELS, materialise
 from hfprune.commands import add_config_argument
 from hfprune.config import load_config, model_entry
-from hfprune.models import ModelSpec, embedded_dir, ensure_available
 
 HELP = "turn packaged GGUF models into safetensors folders (checksummed, once)"
 
@@ -15,6 +14,8 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from hfprune.models import ModelSpec, embedded_dir, ensure_available
+
     cfg = load_config(args.config)
     if args.source:
         print(f"{args.source}: {materialise(args.source, embedded_dir(cfg['resources_dir'], args.source))}")

@@ -19,10 +19,28 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, help="output plan JSON")
 
 
-def run(args) -> int:
+# what the ratio arithmetic (hfprune.plan) reads; head_dim, attention_bias and mlp_bias are optional there
+_PLAN_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+
+
+def _model_config(spec, resources_dir):
+    """The model's architecture facts from config.json (or the embedded model's registry entry) read as JSON:
+    importing transformers for AutoConfig would cost more than the whole plan. AutoConfig where a field the
+    plan needs is missing (its class default applies) or the config is not local."""
+    from hfprune.models import architecture, ensure_available
+
+    arch = architecture(spec, resources_dir)
+    if arch is not None and all(getattr(arch, k, None) is not None for k in _PLAN_FIELDS):
+        return arch
     from transformers import AutoConfig
 
-    from hfprune.models import ModelSpec, ensure_available
+    return AutoConfig.from_pretrained(ensure_available(spec, resources_dir))
+
+
+def run(args) -> int:
+
+    from hfprune.models import ModelSpec
     from hfprune.plan import make_plan
     from hfprune.runtime import read_safetensors, reading, write_json
 
@@ -43,7 +61,7 @@ def run(args) -> int:
     if header.get("model") not in (None, spec.name):
         raise HFPruneError(f"--scores {scores_path} were computed for model {header['model']!r}, not {spec.name!r}")
     pruning = cfg["pruning"]
-    model_config = AutoConfig.from_pretrained(ensure_available(spec, cfg["resources_dir"]))
+    model_config = _model_config(spec, cfg["resources_dir"])
     spec = spec.resolved(model_config)
     plan = make_plan(scores, model_config, args.ratio, spec.family, allocation=pruning["allocation"],
                      scope=pruning["scope"], min_keep_fraction=pruning["min_keep_fraction"],

@@ -5,7 +5,6 @@ The offline default data (`recovery.data: calibration`) is a smoke recovery; `la
 
 from hfprune.commands import add_config_argument, add_model_argument
 from hfprune.config import load_config
-from hfprune.recovery import run_recovery
 
 HELP = "LoRA recovery fine-tuning of a pruned model; saves the merged checkpoint + recovery.json"
 
@@ -20,6 +19,7 @@ def add_arguments(parser):
 def run(args) -> int:
     from hfprune import tracking
     from hfprune.limits import check_job
+    from hfprune.recovery import run_recovery
 
     cfg = load_config(args.config)
     check_job(cfg, args.model, "recover", source=args.config)

@@ -86,7 +86,8 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
     plan = read_plan(plan_path, model_name, base_config) if pruned else None
     if recovered_dir is not None:
         _check_recovered(recovered_dir, plan)
-    selection = select_tasks(specs, ev["limit"], ev["subsample_seed"], ev["metrics"]) if specs else None
+    selection = select_tasks(specs, ev["limit"], ev["subsample_seed"], ev["metrics"],
+                             backend=ev["backend"]) if specs else None
 
     # ---- models
     seed_everything(cfg["seed"])

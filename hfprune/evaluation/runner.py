@@ -40,6 +40,7 @@ class TaskSelection:
     limit: int | None = None
     seed: int = 0
     task_manager: object = None
+    backend: str = "shared"  # evaluation.backend: the lm-eval model class (hfprune.evaluation.backend.lm_class)
 
 
 @lru_cache(maxsize=2)
@@ -57,7 +58,7 @@ def default_task_manager(names):
 
 
 def select_tasks(specs, limit: int | None, seed: int, metric_overrides: dict | None = None,
-                 task_manager=None) -> TaskSelection:
+                 task_manager=None, backend: str = "shared") -> TaskSelection:
     """Load the tasks of a resolved suite (no model needed), check metric overrides, draw the subsets."""
     overrides = dict(metric_overrides or {})
     names = [s.task for s in specs]
@@ -81,7 +82,7 @@ def select_tasks(specs, limit: int | None, seed: int, metric_overrides: dict | N
         if idx is not None:
             samples[spec.task] = idx
     return TaskSelection(tasks=loaded, metrics=metrics, columns=columns, docs_total=docs_total,
-                         samples=samples, limit=limit, seed=seed, task_manager=tm)
+                         samples=samples, limit=limit, seed=seed, task_manager=tm, backend=backend)
 
 
 def _number(value) -> float | None:
@@ -103,12 +104,14 @@ def evaluate_tasks(model, tokenizer, selection: TaskSelection, batch_size: int =
                    log_samples: bool = False) -> tuple[dict, dict, dict]:
     """Run lm-eval on `model`; returns (tasks JSON, meta, lm-eval's raw results)."""
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
+
+    from hfprune.evaluation.backend import lm_class
 
     # lm-eval's HFLM prepends BOS only if asked; follow the tokenizer (LLaMA-2: yes, as in the paper; Qwen and
     # SmolLM2: no), the same as HFLM loading the folder by path with add_bos_token unset.
     add_bos = bool(bos_prefix(tokenizer))
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos)
+    lm = lm_class(selection.backend)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                                     add_bos_token=add_bos)
     res = lm_eval.simple_evaluate(model=lm, tasks=list(selection.tasks.values()),
                                   task_manager=selection.task_manager, samples=selection.samples or None,
                                   log_samples=log_samples)
@@ -124,5 +127,5 @@ def evaluate_tasks(model, tokenizer, selection: TaskSelection, batch_size: int =
             "docs_evaluated": {n: t["n"] for n, t in tasks.items()},
             "limit": selection.limit, "subsample_seed": selection.seed,
             "subsample_indices": selection.samples, "add_bos_token": add_bos, "batch_size": batch_size,
-            "num_fewshot": 0}
+            "num_fewshot": 0, "backend": selection.backend}
     return tasks, meta, res
