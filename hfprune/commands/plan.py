@@ -23,7 +23,7 @@ def run(args) -> int:
     from transformers import AutoConfig
 
     from hfprune.models import ModelSpec, ensure_available
-    from hfprune.plan import make_plan
+    from hfprune.plan import format_ratio, make_plan
     from hfprune.runtime import read_safetensors, reading, write_json
 
     cfg = load_config(args.config)
@@ -42,6 +42,9 @@ def run(args) -> int:
         raise HFPruneError(f"--scores {str(scores_path)!r} holds NaN/inf in {', '.join(bad)}; rescore it")
     if header.get("model") not in (None, spec.name):
         raise HFPruneError(f"--scores {scores_path} were computed for model {header['model']!r}, not {spec.name!r}")
+    if header.get("ratio") is not None and format_ratio(header["ratio"]) != format_ratio(args.ratio):
+        raise HFPruneError(f"--scores {scores_path} were computed for ratio {header['ratio']} (per-ratio criterion "
+                           f"options), not {args.ratio}")
     pruning = cfg["pruning"]
     model_config = AutoConfig.from_pretrained(ensure_available(spec, cfg["resources_dir"]))
     spec = spec.resolved(model_config)
