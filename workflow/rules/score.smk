@@ -31,7 +31,12 @@ rule score:
         "--criterion {wildcards.criterion} --seed {wildcards.seed} --out {output.scores} > {log} 2>&1"
 
 
-use rule score as score_by_ratio with:
+
+rule score_by_ratio:
+    conda:
+        ENV
+    input:
+        asset=asset_marker,
     output:
         scores=score_path("{model}", "{criterion}", "{seed}", "{ratio}"),
         meta=f"{EXP}/scores/{{model}}/{{criterion}}/s{{seed}}.r{{ratio}}.json",
@@ -39,6 +44,15 @@ use rule score as score_by_ratio with:
         f"{LOGS}/score/{{model}}/{{criterion}}/s{{seed}}.r{{ratio}}.log",
     benchmark:
         f"{BENCH}/score/{{model}}/{{criterion}}/s{{seed}}.r{{ratio}}.tsv"
+    params:
+        hfprune=HFPRUNE_GPU,
+        config=RUN_CONFIG,
+        settings=settings(*CALIBRATION, "scoring", "pruning.scope", *COMPUTE),
+    threads: 4
+    resources:
+        gpu=GPU,
+        mem_mb=16000,
+        runtime=120,
     shell:
         "{params.hfprune} score --config {params.config} --model {wildcards.model} "
         "--criterion {wildcards.criterion} --seed {wildcards.seed} --ratio {wildcards.ratio} "
