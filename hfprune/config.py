@@ -75,6 +75,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
     if dupes:
         raise ConfigError(f"{source}: invalid config field 'models': duplicate model name(s) {', '.join(dupes)}")
     _fill_families(cfg)
+    _normalise_by_ratio(cfg, source)
     ev = cfg["evaluation"]
     if ev["suite"] != "none":  # a task typo fails here, not in the first evaluate job after hours of scoring
         from hfprune.tasks import resolve_suite
@@ -181,5 +182,55 @@ def baseline_criterion(cfg: dict) -> str:
     return "taylor_ce" if "taylor_ce" in cfg["criteria"] else cfg["criteria"][0]
 
 
-def criterion_options(cfg: dict, criterion: str) -> dict:
-    return dict(cfg["criterion_options"].get(criterion, {}))
+def _normalise_by_ratio(cfg: dict, source: str) -> None:
+    """criterion_options.<c>.by_ratio keys (YAML floats or strings) -> format_ratio strings ("0.2")."""
+    from hfprune.plan import format_ratio
+
+    for crit, opts in cfg["criterion_options"].items():
+        by = opts.get("by_ratio")
+        if not by:
+            continue
+        out = {}
+        for key, value in by.items():
+            try:
+                ratio = float(key)
+            except (TypeError, ValueError):
+                ratio = -1.0
+            if not 0 < ratio < 1:
+                raise ConfigError(f"{source}: invalid config field 'criterion_options.{crit}.by_ratio': key "
+                                  f"{key!r} is not a pruning ratio in (0, 1)")
+            out[format_ratio(ratio)] = value
+        opts["by_ratio"] = out
+
+
+def per_ratio(cfg: dict, criterion: str) -> bool:
+    """Whether a criterion's options differ by pruning ratio (criterion_options.<c>.by_ratio): its scores are
+    then computed once per ratio instead of once for every ratio."""
+    return bool(cfg["criterion_options"].get(criterion, {}).get("by_ratio"))
+
+
+def score_ratios(cfg: dict, criterion: str) -> list:
+    """The ratio labels of a criterion's score files: [None] (one file serves every ratio) or each ratio."""
+    from hfprune.plan import format_ratio
+
+    return [format_ratio(r) for r in cfg["ratios"]] if per_ratio(cfg, criterion) else [None]
+
+
+def score_stem(criterion: str, seed, ratio=None) -> str:
+    """`<criterion>/s<seed>` (+ `.r<ratio>` for a per-ratio criterion): the score file's path under scores/<model>/
+    without its suffix."""
+    return f"{criterion}/s{seed}" + (f".r{ratio}" if ratio is not None else "")
+
+
+def criterion_options(cfg: dict, criterion: str, ratio=None) -> dict:
+    """A criterion's options, with the by_ratio entry of `ratio` applied (a float or format_ratio label)."""
+    from hfprune.plan import format_ratio
+
+    opts = dict(cfg["criterion_options"].get(criterion, {}))
+    by = opts.pop("by_ratio", None) or {}
+    if by and ratio is None:
+        raise ConfigError(f"criterion_options.{criterion}.by_ratio: options depend on the pruning ratio; score "
+                          "with --ratio")
+    if ratio is not None:
+        opts.update(by.get(format_ratio(float(ratio)), {}))
+    return opts

@@ -131,12 +131,25 @@ def document_at(starts: list[int], offsets) -> list[int]:
     return [bisect.bisect_right(starts, int(o)) - 1 for o in offsets]
 
 
-def sample_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int, return_docs: bool = False):
-    """`num_sequences` windows of `seq_len` tokens at seeded random offsets of the document stream.
+SAMPLINGS = ("stream", "per_document")
 
-    A BOS token is put first where the tokenizer adds one, so a window looks like an ordinary input.
+
+def sample_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int, return_docs: bool = False,
+                   sampling: str = "stream"):
+    """`num_sequences` seeded calibration windows of `seq_len` tokens.
+
+    - ``stream``: random offsets of the EOS-joined stream of all documents (a window may span documents);
+      a BOS token is put first where the tokenizer adds one, so a window looks like an ordinary input.
+    - ``per_document`` (the released HFPrune/SDMPrune code): documents in seeded random order, those longer
+      than `seq_len` tokens kept, ONE random window inside each, from the first `num_sequences` of them;
+      windows never cross documents and no BOS is put first (documents are tokenized as the released code
+      does, with the tokenizer's default special tokens).
     Returns a LongTensor [num_sequences, seq_len] (and, with return_docs, the document each window starts in).
     """
+    if sampling == "per_document":
+        return _per_document_windows(tokenizer, texts, num_sequences, seq_len, seed, return_docs)
+    if sampling != "stream":
+        raise HFPruneError(f"calibration.sampling {sampling!r}: choose one of {', '.join(SAMPLINGS)}")
     bos = bos_prefix(tokenizer)
     body = seq_len - len(bos)
     stream, doc_starts = stream_with_starts(tokenizer, texts)
@@ -148,6 +161,32 @@ def sample_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int
     starts = torch.randint(0, len(stream) - body + 1, (num_sequences,), generator=gen).tolist()
     windows = torch.tensor([bos + stream[s:s + body] for s in starts], dtype=torch.long)
     return (windows, document_at(doc_starts, starts)) if return_docs else windows
+
+
+# documents tokenized per step while looking for long ones (C4 has ~356k per file: never tokenize them all)
+_DOC_BATCH = 256
+
+
+def _per_document_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int, return_docs: bool):
+    texts = list(texts)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(texts), generator=gen).tolist()
+    windows: list[list[int]] = []
+    docs: list[int] = []
+    for s in range(0, len(order), _DOC_BATCH):
+        idx = order[s:s + _DOC_BATCH]
+        for d, ids in zip(idx, tokenizer([texts[i] for i in idx])["input_ids"]):
+            if len(ids) > seq_len:  # as released: start in [0, len - seq_len - 1], the last token never used
+                i = int(torch.randint(0, len(ids) - seq_len, (1,), generator=gen))
+                windows.append(ids[i:i + seq_len])
+                docs.append(d)
+                if len(windows) == num_sequences:
+                    out = torch.tensor(windows, dtype=torch.long)
+                    return (out, docs) if return_docs else out
+    raise HFPruneError(
+        f"calibration.sampling per_document: only {len(windows)} of {len(texts)} documents are longer than "
+        f"seq_len {seq_len} tokens, {num_sequences} needed (lower calibration.num_sequences or seq_len, or use "
+        "sampling: stream)")
 
 
 def contiguous_chunks(tokenizer, texts, seq_len: int, max_tokens: int | None, return_docs: bool = False):

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from hfprune import comparisons
-from hfprune.config import baseline_criterion, cell_seeds
+from hfprune.config import baseline_criterion, cell_seeds, score_ratios, score_stem
 from hfprune.errors import HFPruneError
 from hfprune.plan import format_ratio
 from hfprune.runtime import atomic_path, read_json
@@ -196,7 +196,8 @@ def scoring_cost(cfg: dict) -> pd.DataFrame:
     for model in (m["name"] for m in cfg["models"]):
         for crit in cfg["criteria"]:
             metas = [read_json(p, "score sidecar") for s in cell_seeds(cfg, model, crit)
-                     if (p := experiment_dir(cfg) / "scores" / model / crit / f"s{s}.json").is_file()]
+                     for r in score_ratios(cfg, crit)
+                     if (p := experiment_dir(cfg) / "scores" / model / f"{score_stem(crit, s, r)}.json").is_file()]
             if not metas:
                 continue
             cal = metas[0].get("calibration") or {}

@@ -9,12 +9,15 @@ then one backward per criterion from H, with dC/dH as grad_output, reaches every
 turns its gradient into the score contribution right away (fp32), so per-layer gradients are freed as the
 backward proceeds. Several gradient criteria share the forward (the graph is retained between them).
 
-Positions: a position counts when it holds a real token AND has a real next token (so the last position and
-padding are excluded for every criterion, labelled or not). C is the mean over the counted positions of the
-batch; the neuron score is the sum over counted tokens of token_scores(h_i * dC/dh_i).
+Positions: padding never counts. A criterion that reads the next token (`uses_labels`: CE, KD, fisher) counts
+a position when it holds a real token AND has a real next token (the last position is excluded); a label-free
+one (entropy, top-K entropy) counts every real position, the last included, as the released HFPrune code does.
+C is the mean over the criterion's counted positions of the batch; the neuron score is the sum over those
+tokens of token_scores(h_i * dC/dh_i).
 
-`taylor_kd` runs as SDMPrune does: CE scores (shared with a requested `taylor_ce`) -> a uniform pre-prune at
-`preprune_ratio` -> the student (dense weights + 0/1 neuron mask) is scored against the unmasked dense
+`taylor_kd` runs as SDMPrune does: CE scores (shared with a requested `taylor_ce`) -> a uniform pre-prune
+(`preprune_keep`, int(3.9 x hidden) neurons per layer by default; none where that is the whole layer) -> the
+student (dense weights + 0/1 neuron mask) is scored against the unmasked dense
 model's outputs, computed in a separate no-grad forward: no teacher copy is held in memory.
 """
 
@@ -50,9 +53,12 @@ LOGITS_CHUNK_BYTES = 256 * 2**20
 
 
 # --- positions ---------------------------------------------------------------------------------------------
-def counted_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Bool [B, T]: a real token whose next position is also a real token."""
+def counted_positions(attention_mask: torch.Tensor, labelled: bool = True) -> torch.Tensor:
+    """Bool [B, T]: a real token whose next position is also a real token (with `labelled`), else any real
+    token."""
     mask = attention_mask.bool()
+    if not labelled:
+        return mask
     nxt = torch.zeros_like(mask)
     nxt[:, :-1] = mask[:, 1:]
     return mask & nxt
@@ -152,12 +158,14 @@ def _linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias)
     return out if bias is None else out.add_(bias)
 
 
-def _output_gradients(model, H, criteria, labels, valid, teacher_H, chunk: int | None,
+def _output_gradients(model, H, criteria, labels, valids, teacher_H, chunk: int | None,
                       transform=None) -> list[torch.Tensor]:
-    """dC/dH per criterion over the counted tokens, `chunk` tokens at a time (fp32 logits never exist in full).
+    """dC/dH per criterion over its counted tokens, `chunk` tokens at a time (fp32 logits never exist in full).
 
-    Only counted tokens are gathered (the others have dC/dH = 0) into contiguous [chunk, hidden] rows, so
-    lm_head is one plain matrix product per chunk. A criterion with a closed-form `logit_gradient_` turns a
+    `valids`: the counted positions [B, T] of each criterion. Only tokens some criterion counts are gathered
+    (the others have dC/dH = 0) into contiguous [chunk, hidden] rows, so lm_head is one plain matrix product
+    per chunk; a row a labelled criterion does not count (a last position, counted by entropy) has label -100
+    and gets a zero gradient for it. A criterion with a closed-form `logit_gradient_` turns a
     reused logits buffer into dC/dlogits in place, then dC/dH = dC/dlogits @ W_lm_head / n; the others go
     through autograd on `position_loss`. A family's `transform` of lm_head's output (Gemma 2 softcapping,
     Granite scaling) is not in the closed forms: with one, every criterion goes through autograd.
@@ -168,8 +176,12 @@ def _output_gradients(model, H, criteria, labels, valid, teacher_H, chunk: int |
     hidden = H.shape[-1]
     Hd = H.detach().reshape(-1, hidden)
     grads = [torch.zeros_like(Hd) for _ in criteria]
-    rows = valid.reshape(-1).nonzero().squeeze(1)
-    n = max(len(rows), 1)
+    union = valids[0]
+    for v in valids[1:]:
+        union = union | v
+    rows = union.reshape(-1).nonzero().squeeze(1)
+    ns = [max(int(v.sum()), 1) for v in valids]
+    partial = [bool((v != union).any()) for v in valids]  # rows this criterion does not count
     labels = labels.reshape(-1)
     teacher_Hf = teacher_H.reshape(-1, hidden) if teacher_H is not None else None
     closed = [transform is None and c.closed_form() for c in criteria]
@@ -184,6 +196,8 @@ def _output_gradients(model, H, criteria, labels, valid, teacher_H, chunk: int |
         r = rows[s:s + chunk]
         hc = Hd[r].to(dev).requires_grad_(need_graph)
         lab = labels[r].to(dev)
+        has_label = lab != -100
+        lab_safe = lab.clamp_min(0)
         logits = teacher = None
         if need_graph:
             with torch.enable_grad():
@@ -200,9 +214,15 @@ def _output_gradients(model, H, criteria, labels, valid, teacher_H, chunk: int |
         for k, crit in enumerate(criteria):
             if closed[k]:  # the last closed-form criterion of the chunk may consume z itself
                 dz = z if not any(closed[k + 1:]) else spare_buf[:len(r)].copy_(z)
-                g = (crit.logit_gradient_(dz, lab).to(weight.dtype) @ weight).div_(n)
+                dz = crit.logit_gradient_(dz, lab_safe)
+                if partial[k]:
+                    dz[~has_label] = 0
+                g = (dz.to(weight.dtype) @ weight).div_(ns[k])
             else:
-                loss = crit.position_loss(logits.unsqueeze(0), lab.unsqueeze(0), teacher).sum() / n
+                loss = crit.position_loss(logits.unsqueeze(0), lab.unsqueeze(0), teacher)
+                if partial[k]:
+                    loss = torch.where(has_label, loss, 0)
+                loss = loss.sum() / ns[k]
                 (g,) = torch.autograd.grad(loss, hc, retain_graph=not all(closed[k + 1:]))
             grads[k][r] = g.to(Hd.device, Hd.dtype)
     return [g.view_as(H) for g in grads]
@@ -214,10 +234,8 @@ def _gradient_scores(model, adapter, batches, criteria: list[GradientCriterion],
     from hfprune.surgery import neuron_mask
 
     needs_teacher = any(c.needs_teacher for c in criteria)
-    if needs_teacher and mask_plan is None:
-        log.warning("teacher-based criterion scored without a pre-prune mask: its KL gradient is zero")
     acc: list[dict[str, torch.Tensor]] = [{} for _ in criteria]
-    state = {"k": 0, "batch": 0, "valid": None}
+    state = {"k": 0, "batch": 0, "valid": None}  # valid: the counted positions of each criterion
     tokens = 0
 
     def accumulate(key: str, store: list, i: int, groups: int | None):
@@ -229,7 +247,7 @@ def _gradient_scores(model, adapter, batches, criteria: list[GradientCriterion],
             contrib = x.float() * g.float()
             if groups is not None:
                 contrib = group_sum(contrib, groups)
-            v = state["valid"].to(contrib.device).unsqueeze(-1)
+            v = state["valid"][state["k"]].to(contrib.device).unsqueeze(-1)
             s = (crit.token_scores(contrib) * v).sum((0, 1))
             if not torch.isfinite(s).all():
                 raise ScoreError(f"criterion {crit.name!r}: non-finite score in {key} (layer "
@@ -242,9 +260,11 @@ def _gradient_scores(model, adapter, batches, criteria: list[GradientCriterion],
     names = "+".join(c.name for c in criteria)
     try:
         for b, (ids, mask) in enumerate(_progress(batches, progress, names)):
-            state["batch"], state["valid"] = b, counted_positions(mask)
-            labels = next_token_labels(ids, state["valid"])
-            tokens += int(state["valid"].sum())
+            labelled = counted_positions(mask)
+            real = counted_positions(mask, labelled=False)
+            state["batch"], state["valid"] = b, [labelled if c.uses_labels else real for c in criteria]
+            labels = next_token_labels(ids, labelled)
+            tokens += max(int(v.sum()) for v in state["valid"])
             teacher_H = None
             if needs_teacher:  # the dense model, without the student's pre-prune mask
                 teacher_H = _decoder_forward(model, adapter, ids, mask, grad=False)
@@ -287,8 +307,6 @@ def score_model(model, batches, criteria: list[Criterion | str], *, scope: str =
 
 
 def _score(model, batches, criteria, *, scope, seed, logits_chunk, gradient_checkpointing, progress):
-    from hfprune.plan import make_plan
-
     crits = [get_criterion(c) if isinstance(c, str) else c for c in criteria]
     adapter = get_adapter(model)
     adapter.check_scope(scope)
@@ -315,19 +333,17 @@ def _score(model, batches, criteria, *, scope, seed, logits_chunk, gradient_chec
         grad = [c for c in crits if c.requires_gradient and not c.needs_teacher]
         kd = [c for c in crits if c.needs_teacher]
         ce = next((c for c in grad if c.name == "taylor_ce"), None)
-        if kd and ce is None:  # the pre-prune needs CE scores: compute them in the shared forward
+        # the pre-prune needs CE scores: computed in the shared forward
+        if ce is None and any(_preprunes(c.options["preprune_keep"], adapter) for c in kd):
             ce = CRITERIA["taylor_ce"]()
             grad.append(ce)
+        ce_scores = None
         if grad:
             results, tokens = _gradient_scores(model, adapter, batches, grad, attn, logits_chunk, progress)
             out.update({c.name: r for c, r in zip(grad, results) if c in crits})
-            ce_scores = results[grad.index(ce)] if kd else None
+            ce_scores = results[grad.index(ce)] if ce is not None else None
         for c in kd:
-            family = adapter.family
-            try:
-                pre = make_plan(ce_scores, model.config, float(c.options["preprune_ratio"]), family)
-            except ConfigError as exc:
-                raise ConfigError(f"criterion_options.taylor_kd.preprune_ratio: {exc}") from None
+            pre = _preprune_plan(c.options["preprune_keep"], ce_scores, model.config, adapter)
             (out[c.name],), tokens = _gradient_scores(model, adapter, batches, [c], attn, logits_chunk,
                                                       progress, mask_plan=pre)
     finally:
@@ -337,6 +353,35 @@ def _score(model, batches, criteria, *, scope, seed, logits_chunk, gradient_chec
             model.activation_checkpointing_disable()
         model.train(was_training)
     return out, tokens
+
+
+def _preprunes(keep: dict | None, adapter) -> bool:
+    """Whether a `preprune_keep` setting removes any neuron of this model."""
+    if keep is None:
+        return False
+    if "ratio" in keep:
+        return True
+    return int(float(keep["hidden_multiple"]) * adapter.mlp(0).down.out_features) < max(
+        adapter.mlp(i).down.in_features for i in range(adapter.num_layers))
+
+
+def _preprune_plan(keep: dict | None, ce_scores: dict | None, config, adapter) -> dict | None:
+    """The CE pre-prune of `taylor_kd` (SDMPrune): a uniform mask plan, or None where nothing is removed."""
+    from hfprune.plan import _topk_sorted, make_plan
+
+    if not _preprunes(keep, adapter):
+        return None
+    if "ratio" in keep:
+        try:
+            return make_plan(ce_scores, config, float(keep["ratio"]), adapter.family)
+        except ConfigError as exc:
+            raise ConfigError(f"criterion_options.taylor_kd.preprune_keep.ratio: {exc}") from None
+    # as SDMPrune: k = int(multiple * hidden) neurons kept in every layer (top CE scores)
+    k = int(float(keep["hidden_multiple"]) * adapter.mlp(0).down.out_features)
+    if k < 1:
+        raise ConfigError(f"criterion_options.taylor_kd.preprune_keep.hidden_multiple: keeps {k} neurons")
+    return {"layers": [{"mlp_keep": _topk_sorted(ce_scores[f"mlp.{i}"], k), "kv_keep": None}
+                       for i in range(adapter.num_layers)]}
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -350,15 +395,18 @@ def calibration_batches(tokens: torch.Tensor, batch_size: int) -> list[dict]:
             for s in range(0, len(tokens), batch_size)]
 
 
-def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path) -> dict:
+def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path, ratio=None) -> dict:
     """Score one model x criterion from a validated config; write `<out>.safetensors` + `<out>.json`.
+
+    `ratio`: the pruning ratio the scores serve, needed (only) by a criterion with per-ratio options
+    (criterion_options.<c>.by_ratio); recorded in the sidecar.
 
     Returns the summary (seconds, peak_memory_mb, tokens, ...), which is also the sidecar's `run` entry.
     The safetensors header holds no timestamp, so the same seed gives a byte-identical file.
     """
     from safetensors.torch import save_file
 
-    from hfprune.config import criterion_options, model_entry
+    from hfprune.config import criterion_options, model_entry, per_ratio
     from hfprune.data import load_texts, sample_windows
     from hfprune.models import ModelSpec, load_model
     from hfprune.runtime import atomic_path, package_versions, resolve_device, seed_everything, write_json
@@ -366,7 +414,9 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
         raise HFPruneError(f"--out {str(out_path)!r} must end in .safetensors")
-    crit = get_criterion(criterion, criterion_options(cfg, criterion))
+    if ratio is not None and not per_ratio(cfg, criterion):
+        ratio = None  # its scores serve every ratio
+    crit = get_criterion(criterion, criterion_options(cfg, criterion, ratio))
     spec = ModelSpec.from_config(model_entry(cfg, model_name))
     seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
@@ -379,7 +429,8 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     cal = cfg["calibration"]
     tokens = torch.empty(0, dtype=torch.long)
     if crit.requires_data:
-        tokens = sample_windows(tok, load_texts(cal["source"]), cal["num_sequences"], cal["seq_len"], cal["seed"])
+        tokens = sample_windows(tok, load_texts(cal["source"]), cal["num_sequences"], cal["seq_len"], cal["seed"],
+                                sampling=cal["sampling"])
     token_hash = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
     scope = cfg["pruning"]["scope"]
     start = time.perf_counter()
@@ -392,10 +443,11 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     # the draw this file belongs to (the cell's seed label); `seeded` says whether the scores depend on it
     header = {"model": spec.name, "family": spec.family, "criterion": criterion, "scope": scope,
               "calibration_sha256": token_hash, "seed": cfg["seed"], "calibration_seed": cal["seed"],
-              "seeded": crit.seeded}
+              "seeded": crit.seeded, **({"ratio": float(ratio)} if ratio is not None else {})}
     sidecar = {"model": spec.name, "family": spec.family, "source": spec.source, "criterion": criterion,
-               "criterion_options": crit.options, "scope": scope,
-               "calibration": {**({k: cal[k] for k in ("source", "num_sequences", "seq_len", "seed", "batch_size")}
+               "criterion_options": crit.options, "ratio": None if ratio is None else float(ratio), "scope": scope,
+               "calibration": {**({k: cal[k] for k in ("source", "sampling", "num_sequences", "seq_len", "seed",
+                                                  "batch_size")}
                                   if crit.requires_data else {}), "tokens": n_tokens, "sha256": token_hash},
                "seed": cfg["seed"], "calibration_seed": cal["seed"], "seeded": crit.seeded, "dtype": cfg["dtype"],
                "device": str(device), "seconds": summary["seconds"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -24,9 +25,10 @@ def test_defaults_are_filled_without_touching_the_input():
     raw = with_()
     cfg = validate_config(raw)
     assert "calibration" not in raw
-    assert cfg["calibration"] == {"source": "calibration", "num_sequences": 16, "seq_len": 128, "batch_size": 4,
-                                  "seed": 0, "seeds": None}
-    assert cfg["criterion_options"]["taylor_kd"] == {"alpha": 0.4, "temperature": 0.2, "preprune_ratio": 0.01}
+    assert cfg["calibration"] == {"source": "calibration", "sampling": "stream", "num_sequences": 16, "seq_len": 128,
+                                  "batch_size": 4, "seed": 0, "seeds": None}
+    assert cfg["criterion_options"]["taylor_kd"] == {"alpha": 0.4, "temperature": 0.2,
+                                                     "preprune_keep": {"hidden_multiple": 3.9}}
     assert cfg["pruning"]["allocation"] == "uniform" and cfg["evaluation"]["suite"] == "offline7"
 
 
@@ -138,3 +140,40 @@ def test_family_enum_is_the_adapter_registry():
     from hfprune.config import schema
 
     assert schema()["properties"]["models"]["items"]["properties"]["family"]["enum"] == list(ADAPTERS)
+
+
+def test_per_ratio_criterion_options():
+    from hfprune.config import criterion_options, per_ratio, score_ratios, score_stem
+
+    cfg = validate_config(with_(criteria=["taylor_kd", "taylor_ce"], ratios=[0.2, 0.3], criterion_options={
+        "taylor_kd": {"preprune_keep": None, "by_ratio": {0.3: {"alpha": 0.42, "temperature": 0.5}}}}))
+    assert cfg["criterion_options"]["taylor_kd"]["by_ratio"] == {"0.3": {"alpha": 0.42, "temperature": 0.5}}
+    assert validate_config(cfg) == cfg  # a reload of the written copy (string keys) is the same
+    assert per_ratio(cfg, "taylor_kd") and not per_ratio(cfg, "taylor_ce")
+    assert score_ratios(cfg, "taylor_kd") == ["0.2", "0.3"] and score_ratios(cfg, "taylor_ce") == [None]
+    assert score_stem("taylor_kd", 0, "0.3") == "taylor_kd/s0.r0.3" and score_stem("taylor_ce", 1) == "taylor_ce/s1"
+    assert criterion_options(cfg, "taylor_kd", 0.3) == {"alpha": 0.42, "temperature": 0.5, "preprune_keep": None}
+    assert criterion_options(cfg, "taylor_kd", "0.2") == {"alpha": 0.4, "temperature": 0.2, "preprune_keep": None}
+    with pytest.raises(ConfigError, match="depend on the pruning ratio; score with --ratio"):
+        criterion_options(cfg, "taylor_kd")
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"by_ratio": {"high": {"alpha": 0.1}}}, "is not a pruning ratio"),
+    ({"by_ratio": {0.2: {"beta": 0.1}}}, "criterion_options.taylor_kd.by_ratio.0.2"),
+    ({"preprune_keep": {"hidden_multiple": 3.9, "ratio": 0.1}}, "criterion_options.taylor_kd.preprune_keep"),
+    ({"preprune_ratio": 0.01}, "criterion_options.taylor_kd"),
+])
+def test_bad_kd_options_are_refused(options, field):
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        validate_config(with_(criteria=["taylor_kd"], criterion_options={"taylor_kd": options}))
+
+
+def test_paper_config_uses_the_released_settings():
+    from hfprune.config import criterion_options, load_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "config" / "paper.yaml")
+    assert cfg["calibration"]["sampling"] == "per_document"
+    assert criterion_options(cfg, "taylor_kd", 0.3) == {"alpha": 0.42, "temperature": 0.5,
+                                                        "preprune_keep": {"hidden_multiple": 3.9}}
+    assert criterion_options(cfg, "taylor_kd", 0.4)["alpha"] == 0.1

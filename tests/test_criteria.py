@@ -38,25 +38,40 @@ def test_position_losses_match_reference_formulas():
                                -(top * top.log()).sum(-1))
     a, t = 0.3, 0.5
     kd = get_criterion("taylor_kd", {"alpha": a, "temperature": t}).position_loss(logits, labels, teacher)
-    kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher / t, -1), log_target=True,
                   reduction="none").sum(-1)
     torch.testing.assert_close(kd, (1 - a) * ce.view(2, 5) + a * kl)
 
 
-def test_kl_gradient_vanishes_at_the_dense_point():
-    """Why SDMPrune pre-prunes: with student == teacher the KL gradient (p_s - p_t)/t is zero.
+def test_kd_is_sdmprune_loss():
+    """SDMPrune (prune/distill_prune.py): kl_div(log_softmax(student), softmax(teacher / t), batchmean) / seq_len,
+    the teacher softened only, no t^2: our mean over positions of the per-position KL equals it."""
+    logits, labels, teacher = _logits()
+    t = 0.2
+    one = logits[:1]
+    want = F.kl_div(F.log_softmax(one, dim=-1), F.softmax(teacher[:1] / t, dim=-1), reduction="batchmean") / 5
+    kd = get_criterion("taylor_kd", {"alpha": 1.0, "temperature": t})
+    torch.testing.assert_close(kd.position_loss(one, labels[:1], teacher[:1]).mean(), want)
 
-    Analytically exactly zero; numerically what is left is rounding of exp(log_softmax) (1e-15 in fp64).
-    """
+
+def test_kl_gradient_is_not_zero_at_the_dense_point():
+    """Only the teacher is softened: with student == teacher weights, dKL/dz = softmax(z) - softmax(z / t) != 0."""
     logits, labels, _ = _logits()
     logits = logits.double()
     student = logits.clone().requires_grad_(True)
     kd = get_criterion("taylor_kd", {"alpha": 1.0, "temperature": 0.2})
     (g,) = torch.autograd.grad(kd.position_loss(student, labels, logits).sum(), student)
-    assert g.abs().max() < 1e-13
-    # ...but not anywhere else: a perturbed student gets a real gradient
-    (g,) = torch.autograd.grad(kd.position_loss(student, labels, logits + 0.1 * torch.randn_like(logits)).sum(), student)
+    torch.testing.assert_close(g, logits.softmax(-1) - (logits / 0.2).softmax(-1))
     assert g.abs().max() > 1e-2
+    # at t = 1 it is zero, as with both sides softened
+    kd1 = get_criterion("taylor_kd", {"alpha": 1.0, "temperature": 1.0})
+    (g,) = torch.autograd.grad(kd1.position_loss(student, labels, logits).sum(), student)
+    assert g.abs().max() < 1e-13
+
+
+def test_kd_preprune_keep_is_checked():
+    with pytest.raises(ConfigError, match="preprune_keep"):
+        get_criterion("taylor_kd", {"preprune_keep": {"neurons": 5}})
 
 
 def test_fisher_squares_and_taylor_takes_abs():

@@ -8,7 +8,7 @@ from hfprune.adapters import get_adapter
 from hfprune.criteria import get_criterion
 from hfprune.errors import ScoreError
 from hfprune.plan import make_plan
-from hfprune.scorer import _gradient_scores, score_model
+from hfprune.scorer import score_model
 from hfprune.surgery import neuron_mask
 
 GRADIENT = ("taylor_ce", "taylor_entropy", "taylor_entropy_topk", "fisher", "taylor_kd")
@@ -32,11 +32,13 @@ def _padded(seqs, fill_seed=5):
 
 def reference_scores(model, seqs, crit, mask_plan=None, attn=True):
     """Direct computation: each sequence unpadded, full-vocabulary logits, parameters trainable,
-    C = mean over all positions that have a next token; score = sum_t token_scores(h_t * dC/dh_t)."""
+    C = mean over the positions that have a next token (a label-free criterion: over every position, the last
+    included); score = sum_t token_scores(h_t * dC/dh_t) over the same positions."""
     from hfprune.adapters import get_adapter
 
     adapter = get_adapter(model)
-    n = sum(len(s) - 1 for s in seqs)
+    end = -1 if crit.uses_labels else None  # positions [:end] count
+    n = sum(len(s) - (1 if crit.uses_labels else 0) for s in seqs)
     captured = []
 
     def grab(module, args):
@@ -55,7 +57,7 @@ def reference_scores(model, seqs, crit, mask_plan=None, attn=True):
         with neuron_mask(model, mask_plan) if mask_plan else torch.enable_grad():
             logits = model(s[None]).logits.float()
         labels = torch.cat([s[1:], torch.tensor([-100])])[None]
-        total = total + crit.position_loss(logits, labels, teacher)[:, :-1].sum() / n
+        total = total + crit.position_loss(logits, labels, teacher)[:, :end].sum() / n
     total.backward()
     for h in handles:
         h.remove()
@@ -65,7 +67,7 @@ def reference_scores(model, seqs, crit, mask_plan=None, attn=True):
         index.update({id(adapter.attention(i).o): f"attn_kv.{i}" for i in range(adapter.num_layers)})
     for module, h in captured:
         key = index[id(module)]
-        contrib = (h * h.grad)[0, :-1].float()
+        contrib = (h * h.grad)[0, :end].float()
         if key.startswith("attn_kv"):
             contrib = contrib.reshape(contrib.shape[0], model.config.num_key_value_heads, -1).sum(-1)
         out[key] = out.get(key, 0) + crit.token_scores(contrib).sum(0)
@@ -83,7 +85,7 @@ def _assert_scores_close(got: dict, want: dict):
 def test_gradient_criteria_equal_direct_computation(family, name):
     model = tiny_model(family)
     seqs = _seqs()
-    crit = get_criterion(name, {"preprune_ratio": 0.05} if name == "taylor_kd" else None)
+    crit = get_criterion(name, {"preprune_keep": {"ratio": 0.05}} if name == "taylor_kd" else None)
     attn = not get_adapter(model).no_kv_pruning  # the others refuse mlp+attn by name (test_surgery)
     got = score_model(model, [_padded(seqs)], [crit], scope="mlp+attn" if attn else "mlp", logits_chunk=4)[name]
     plan = None
@@ -155,16 +157,48 @@ def test_shared_forward_chunking_and_checkpointing_give_the_same_scores():
     assert not model.training and all(p.requires_grad for p in model.parameters())
 
 
-def test_kd_without_preprune_has_no_kl_signal():
-    """At the dense point KD scores are (1-a) x CE scores: the KL term contributes nothing."""
+def test_kd_at_the_dense_point_has_a_kl_signal():
+    """Teacher-only softening (SDMPrune): without a pre-prune the KL term still moves the scores, which equal
+    direct autograd; with alpha = 0 KD is plain CE."""
     model = tiny_model("mistral")
-    batches = [_padded(_seqs())]
-    kd = get_criterion("taylor_kd", {"alpha": 0.4})
-    adapter = __import__("hfprune.adapters", fromlist=["get_adapter"]).get_adapter(model)
-    (dense_kd,), _ = _gradient_scores(model, adapter, batches, [kd], False, 256, False)
-    ce = score_model(model, batches, ["taylor_ce"])["taylor_ce"]
-    for k in ce:
-        torch.testing.assert_close(dense_kd[k], 0.6 * ce[k], rtol=1e-4, atol=1e-7)
+    seqs = _seqs()
+    kd = get_criterion("taylor_kd", {"alpha": 0.4, "preprune_keep": None})
+    got = score_model(model, [_padded(seqs)], [kd], logits_chunk=4)["taylor_kd"]
+    _assert_scores_close(got, reference_scores(model, seqs, kd, attn=False))
+    ce = score_model(model, [_padded(seqs)], ["taylor_ce"])["taylor_ce"]
+    assert all((got[k] - 0.6 * ce[k]).abs().max() > 1e-3 * ce[k].abs().max() for k in ce)
+    plain = get_criterion("taylor_kd", {"alpha": 0.0, "preprune_keep": None})
+    _assert_scores_close(score_model(model, [_padded(seqs)], [plain])["taylor_kd"], ce)
+
+
+def test_kd_preprune_keeps_a_multiple_of_hidden():
+    """SDMPrune: int(M x hidden) neurons per layer kept by CE before the KD pass (tiny: int(1.3 x 64) = 83 of 96);
+    with the default 3.9 x hidden the whole layer is kept, i.e. nothing is pre-pruned."""
+    model = tiny_model("llama")
+    seqs = _seqs()
+    kd = get_criterion("taylor_kd", {"preprune_keep": {"hidden_multiple": 1.3}})
+    got = score_model(model, [_padded(seqs)], [kd, "taylor_ce"], logits_chunk=4)
+    ce = got["taylor_ce"]
+    plan = {"layers": [{"mlp_keep": sorted(ce[f"mlp.{i}"].topk(83).indices.tolist()), "kv_keep": None}
+                       for i in range(2)]}
+    assert all(int((got["taylor_kd"][f"mlp.{i}"] == 0).sum()) == 13 for i in range(2))
+    _assert_scores_close(got["taylor_kd"], reference_scores(model, seqs, kd, plan, attn=False))
+    dense = score_model(model, [_padded(seqs)], [get_criterion("taylor_kd")])["taylor_kd"]
+    _assert_scores_close(dense, reference_scores(model, seqs, get_criterion("taylor_kd"), attn=False))
+
+
+def test_entropy_counts_the_last_position():
+    """As the released HFPrune code: C averages the entropy over every position and |h g| sums over every
+    position; CE (labelled) still stops one short. Shared with CE in one forward, both stay exact."""
+    model = tiny_model("llama")
+    seqs = _seqs(lengths=(7, 10))
+    ent, ce = get_criterion("taylor_entropy"), get_criterion("taylor_ce")
+    both = score_model(model, [_padded(seqs)], [ent, ce], logits_chunk=3)
+    _assert_scores_close(both["taylor_entropy"], reference_scores(model, seqs, ent, attn=False))
+    _assert_scores_close(both["taylor_ce"], reference_scores(model, seqs, ce, attn=False))
+    # the last position matters: a one-position sequence has entropy scores, CE ones are zero
+    one = score_model(model, [seqs[0][:1][None]], [ent, ce])
+    assert one["taylor_entropy"]["mlp.0"].abs().sum() > 0 and one["taylor_ce"]["mlp.0"].abs().sum() == 0
 
 
 def test_gradient_free_criteria():
@@ -224,7 +258,8 @@ def test_same_seed_gives_byte_identical_score_files(tmp_path, smollm2_dir):
         assert main(["score", *base, "--criterion", "taylor_entropy_topk", "--out", out]) == 0
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     side = json.loads((tmp_path / "a.json").read_text())
-    assert side["calibration"]["tokens"] == 3 * 15 and side["criterion_options"]["k"] == 64
+    assert side["calibration"]["tokens"] == 3 * 16 and side["criterion_options"]["k"] == 64  # last included
+    assert side["calibration"]["sampling"] == "stream"
     assert side["versions"]["torch"] and side["peak_memory_mb"] > 0
 
 

@@ -17,7 +17,7 @@ import yaml
 from conftest import experiment_runs
 
 from hfprune import comparisons
-from hfprune.config import cell_seeds, validate_config
+from hfprune.config import cell_seeds, per_ratio, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
@@ -50,9 +50,11 @@ def _check_shape(rules, parents, cfg: dict, recovery: bool, assets: int):
     count = Counter(rules.values())
     cfg = validate_config(cfg)
     n_models, n_ratios = len(cfg["models"]), len(cfg["ratios"])
-    scored = sum(len(cell_seeds(cfg, m["name"], c)) for m in cfg["models"] for c in cfg["criteria"])
-    cells = scored * n_ratios
-    assert count["score"] == scored  # once per model x criterion x calibration seed, not per ratio
+    seeds = {(m["name"], c): len(cell_seeds(cfg, m["name"], c)) for m in cfg["models"] for c in cfg["criteria"]}
+    cells = sum(seeds.values()) * n_ratios
+    # once per model x criterion x calibration seed, not per ratio; per ratio for per-ratio options (SDMPrune's)
+    assert count["score"] == sum(n for (_, c), n in seeds.items() if not per_ratio(cfg, c))
+    assert count["score_by_ratio"] == sum(n * n_ratios for (_, c), n in seeds.items() if per_ratio(cfg, c))
     assert count["plan"] == count["evaluate_pruned"] == cells
     assert count["evaluate_dense"] == n_models
     assert count["recover"] == count["evaluate_recovered"] == (cells if recovery else 0)
@@ -66,8 +68,10 @@ def _check_shape(rules, parents, cfg: dict, recovery: bool, assets: int):
         got.pop("assets", None)
         if rule == "score":
             assert got == Counter() and Counter(children[job])["plan"] == n_ratios  # every ratio reuses it
+        elif rule == "score_by_ratio":
+            assert got == Counter() and Counter(children[job])["plan"] == 1  # its own ratio only
         elif rule == "plan":
-            assert got == Counter(score=1)
+            assert sum(got.values()) == 1 and set(got) <= {"score", "score_by_ratio"}
         elif rule in ("recover", "evaluate_pruned"):
             assert got == Counter(plan=1)  # a recovered cell depends on its plan only
         elif rule == "evaluate_recovered":
@@ -84,7 +88,7 @@ def test_default_grid_dag(tmp_path):
     # an empty resources folder: both embedded models need their one assets job
     rules, parents = _dag(tmp_path, ROOT / "config/default.yaml", f"resources_dir={tmp_path / 'res'}")
     _check_shape(rules, parents, cfg, recovery=False, assets=2)
-    assert len(cfg["models"]) == 2 and len(cfg["criteria"]) >= 5 and len(cfg["ratios"]) >= 2
+    assert len(cfg["models"]) == 2 and len(cfg["criteria"]) >= 4 and len(cfg["ratios"]) >= 2
     # at least one model runs >= 3 calibration seeds for every Taylor criterion; magnitude is scored once
     full = validate_config(cfg)
     assert any(all(len(cell_seeds(full, m["name"], c)) >= 3 for c in full["criteria"] if c.startswith("taylor_"))

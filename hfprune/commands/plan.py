@@ -39,9 +39,8 @@ def _model_config(spec, resources_dir):
 
 
 def run(args) -> int:
-
     from hfprune.models import ModelSpec
-    from hfprune.plan import make_plan
+    from hfprune.plan import format_ratio, make_plan
     from hfprune.runtime import read_safetensors, reading, write_json
 
     cfg = load_config(args.config)
@@ -60,6 +59,9 @@ def run(args) -> int:
         raise HFPruneError(f"--scores {str(scores_path)!r} holds NaN/inf in {', '.join(bad)}; rescore it")
     if header.get("model") not in (None, spec.name):
         raise HFPruneError(f"--scores {scores_path} were computed for model {header['model']!r}, not {spec.name!r}")
+    if header.get("ratio") is not None and format_ratio(header["ratio"]) != format_ratio(args.ratio):
+        raise HFPruneError(f"--scores {scores_path} were computed for ratio {header['ratio']} (per-ratio criterion "
+                           f"options), not {args.ratio}")
     pruning = cfg["pruning"]
     model_config = _model_config(spec, cfg["resources_dir"])
     spec = spec.resolved(model_config)

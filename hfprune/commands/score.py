@@ -11,6 +11,8 @@ def add_arguments(parser):
     add_model_argument(parser)
     parser.add_argument("--criterion", required=True, help="a criterion name (see the config schema)")
     parser.add_argument("--seed", type=int, help="calibration seed (default: the model's first calibration seed)")
+    parser.add_argument("--ratio", type=float, help="the pruning ratio the scores serve: needed by a criterion with "
+                        "per-ratio options (criterion_options.<c>.by_ratio), ignored by the others")
     parser.add_argument("--out", required=True, help="output PATH.safetensors (sidecar PATH.json next to it)")
 
 
@@ -22,7 +24,7 @@ def run(args) -> int:
     cfg = with_seed(load_config(args.config), args.model, args.seed)
     check_job(cfg, args.model, "score", [args.criterion], source=args.config)  # before any weight or MLflow run
     with tracking.stage_run(cfg, model=args.model, stage="score", criterion=args.criterion) as mlflow_run:
-        summary = run_scoring(cfg, args.model, args.criterion, args.out)
+        summary = run_scoring(cfg, args.model, args.criterion, args.out, ratio=args.ratio)
         tracking.log_scores(mlflow_run, args.out)
     print(f"{args.out}: {summary['tokens']} tokens, {summary['seconds']} s, peak {summary['peak_memory_mb']} MiB")
     return 0

@@ -62,19 +62,23 @@ class ActivationCriterion(Criterion):
 
 class GradientCriterion(Criterion):
     requires_gradient = True
+    # True: the loss reads the next token, so a sequence's last position does not count (no label); False: every
+    # real position counts, the last included (label-free losses such as the entropy)
+    uses_labels: bool = True
 
     def position_loss(self, logits: torch.Tensor, labels: torch.Tensor,
                       teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Per-position loss [B, c] from fp32 logits [B, c, V] and next-token labels [B, c] (-100 = none).
 
-        Invalid positions may hold any finite value: the scorer masks them out.
+        Positions the criterion does not count may hold any finite value: the scorer masks them out.
         """
         raise NotImplementedError
 
     def logit_gradient_(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Optional closed form: overwrite fp32 logits [n, V] with d position_loss / d logits and return them.
 
-        `labels` [n] are real next tokens (never -100). Criteria that do not override this are differentiated
+        `labels` [n] are token ids, never -100 (rows the criterion does not count hold 0; the scorer zeroes
+        their gradient). Criteria that do not override this are differentiated
         by autograd through `position_loss`. In place, with no autograd-saved [n, V] tensors, a closed form
         removes most of a scoring step's elementwise work over the vocabulary.
         """

@@ -5,6 +5,7 @@ from hfprune.criteria.base import GradientCriterion, entropy, entropy_gradient_
 
 class TaylorEntropyCriterion(GradientCriterion):
     name = "taylor_entropy"
+    uses_labels = False  # every position counts, the last included (released HFPrune code)
 
     def position_loss(self, logits, labels, teacher_logits=None):
         return entropy(logits)

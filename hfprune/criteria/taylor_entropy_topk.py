@@ -8,6 +8,7 @@ from hfprune.criteria.base import GradientCriterion, entropy
 class TaylorEntropyTopKCriterion(GradientCriterion):
     name = "taylor_entropy_topk"
     defaults: ClassVar[dict] = {"k": 64}
+    uses_labels = False
 
     def position_loss(self, logits, labels, teacher_logits=None):
         k = min(int(self.options["k"]), logits.shape[-1])

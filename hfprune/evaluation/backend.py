@@ -231,7 +231,9 @@ class SharedContextLM(HFLM):
             top = ref.topk(min(16, ref.shape[-1]), dim=-1).indices  # rare tokens' log-probs carry more rounding
             worst = max(worst, float((got.gather(-1, top) - ref.gather(-1, top)).abs().max()))
         dtype = next(self.model.parameters()).dtype
-        tol = 1e-3 if dtype in (torch.float32, torch.float64) and self.mixed_precision_dtype is None else 0.25
+        # a kernel that ignores the tree mask is off by O(0.1-10); fp32 summation order alone reached 1.5e-3 on a
+        # LoRA-merged SmolLM2 (sdpa), so the guard sits well between the two
+        tol = 1e-2 if dtype in (torch.float32, torch.float64) and self.mixed_precision_dtype is None else 0.25
         if not worst <= tol:
             impl = getattr(self.model.config, "_attn_implementation", "?")
             raise HFPruneError(f"hfprune eval backend: the packed-tree route differs from the model's forward by "

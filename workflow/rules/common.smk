@@ -11,7 +11,7 @@ import yaml
 from snakemake.settings.types import DeploymentMethod
 
 from hfprune.assets import ASSET_MARKER, EMBEDDED_MODELS
-from hfprune.config import cell_seeds
+from hfprune.config import cell_seeds, per_ratio, score_ratios, score_stem
 from hfprune.models import ModelSpec, embedded_dir
 from hfprune.plan import format_ratio
 from hfprune.runtime import atomic_path
@@ -89,11 +89,22 @@ def settings(*keys):
 
 COMPUTE = ("seed", "dtype", "device", "device_map")
 # what a score job reads of `calibration`: its seed is the job's `seed` wildcard, not the seeds list
-CALIBRATION = ("calibration.source", "calibration.num_sequences", "calibration.seq_len", "calibration.batch_size")
+CALIBRATION = ("calibration.source", "calibration.sampling", "calibration.num_sequences", "calibration.seq_len", "calibration.batch_size")
 
 
-def score_path(model, criterion, seed):
-    return f"{EXP}/scores/{model}/{criterion}/s{seed}.safetensors"
+def score_path(model, criterion, seed, ratio=None):
+    """A criterion with per-ratio options (criterion_options.<c>.by_ratio) has one score file per ratio."""
+    return f"{EXP}/scores/{model}/{score_stem(criterion, seed, ratio)}.safetensors"
+
+
+def plan_scores(wildcards):
+    """The score file a plan reads: the ratio's own for a per-ratio criterion, else the shared one."""
+    ratio = wildcards.ratio if per_ratio(config, wildcards.criterion) else None
+    return score_path(wildcards.model, wildcards.criterion, wildcards.seed, ratio)
+
+
+def score_sidecars():
+    return [f"{EXP}/scores/{m}/{score_stem(c, s, r)}.json" for m, c, s in cells() for r in score_ratios(config, c)]
 
 
 def plan_path(model, criterion, seed, ratio):

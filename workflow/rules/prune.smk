@@ -6,7 +6,7 @@ rule plan:
         ENV
     input:
         asset=asset_marker,
-        scores=score_path("{model}", "{criterion}", "{seed}"),
+        scores=plan_scores,
     output:
         plan_path("{model}", "{criterion}", "{seed}", "{ratio}"),
     log:

@@ -7,7 +7,7 @@ rule report:
     input:
         metrics=metrics_paths(),
         plans=[plan_path(m, c, s, r) for m, c, s in cells() for r in RATIOS],
-        scores=[f"{EXP}/scores/{m}/{c}/s{s}.json" for m, c, s in cells()],
+        scores=score_sidecars(),
     output:
         REPORT,
     log:
