@@ -23,6 +23,9 @@ if workflow.is_main_process:  # model sources and ratios, from config.json facts
     check_models(config, source=_source)
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/assets.smk"
 include: "workflow/rules/score.smk"

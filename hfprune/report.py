@@ -255,7 +255,8 @@ def power_line(table: pd.DataFrame, columns: dict[str, str]) -> str:
         mde = float(np.nanmedian(group["mde"])) if group["mde"].notna().any() else math.nan
         value = comparisons.format_value(mde, r["scale"]).lstrip("+")
         parts.append(f"{_task_label(r['label'], columns)} {value} (n {int(r['n'])}, {int(r['clusters'])} clusters)")
-    return ("Smallest detectable |Δ| (80 % power, α = 0.05, two-sided; n = paired units pooled over seed pairs): "
+    return ("Smallest detectable |Δ| (80 % power, α = 0.05, two-sided; the median over the table's rows, each row's "
+            "own is in the CSV and `hfprune compare`; n = paired units pooled over seed pairs): "
             + "; ".join(parts) + ".")
 
 
@@ -658,7 +659,8 @@ def _verdict_intro(cfg: dict) -> list[str]:
          "token in nats (Δ −0.05 ≈ 5 % lower perplexity; lower is better); JS / top-k Jaccard: fidelity to the "
          "dense model (JS lower, Jaccard higher is better); gold prob: probability of the correct choice under the "
          "task's normalisation, averaged over tasks (pp); acc: accuracy averaged over tasks (pp). **better** / "
-         "**worse**: Holm-corrected p < 0.05 within the table; ≈: indistinguishable at this grid's size. The "
+         "**worse**: Holm-corrected p < 0.05 within the table (the CIs are per comparison, uncorrected, so a CI "
+         "that misses 0 can still be ≈); ≈: indistinguishable at this grid's size. The "
          "line under each table gives the smallest difference the grid could detect: raise `evaluation.limit`, "
          "the perplexity tokens or the seeds to detect smaller ones."),
         "",

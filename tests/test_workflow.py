@@ -231,6 +231,13 @@ def test_smoke_workflow_end_to_end(tmp_path, smollm2_dir):
     scores = [c for c in children if c.data.tags["hfprune.stage"] == "score"]
     assert all(c.data.metrics["score_seconds"] > 0 for c in scores)
 
+    # Snakemake's self-contained HTML report: the workflow description, report.md, every table and plot
+    html = exp / "report.html"
+    _snakemake(tmp_path, "--report", str(html), *run[2:])
+    page = html.read_text()
+    assert html.stat().st_size > 100_000 and "smollm2-135m.forest.png" in page and "Verdicts" in page
+    assert "smollm2-135m.verdict.r0.2.csv" in page and "structured MLP-neuron pruning" in page
+
     # nothing changed: a second run does no work
     again = _snakemake(tmp_path, *run)
     assert "Nothing to be done" in again.stdout + again.stderr

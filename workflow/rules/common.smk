@@ -21,7 +21,7 @@ EXP = f"{config['results_dir']}/{config['experiment']}"
 # `onstart` below, i.e. not on dry runs, and only when its content changes.
 RUN_CONFIG = f"{EXP}/config.yaml"
 LOGS, BENCH = f"{EXP}/logs", f"{EXP}/benchmarks"
-REPORT = f"{EXP}/report/report.md"
+REPORT = f"{EXP}/report"  # the folder: report.md, tables/, plots/ (written at once)
 
 MODELS = {m["name"]: m for m in config["models"]}
 CRITERIA = config["criteria"]
@@ -112,9 +112,9 @@ def plan_path(model, criterion, seed, ratio):
 
 
 def cell_metrics(model, criterion, seed, ratio, recovered=False):
-    """A pruned cell's metrics JSON and, beside it, its per-unit records."""
+    """A pruned cell's metrics JSON and, beside it, its per-unit records (the evaluate rules' named outputs)."""
     base = f"{EXP}/metrics/{model}/{criterion}/s{seed}/r{ratio}{'.recovered' if recovered else ''}"
-    return [f"{base}.json", f"{base}.units.parquet"]
+    return {"metrics": f"{base}.json", "units": f"{base}.units.parquet"}
 
 
 def cells():
@@ -127,9 +127,9 @@ def metrics_paths():
     paths = [f"{EXP}/metrics/{m}/dense.{ext}" for m in MODELS for ext in ("json", "units.parquet")]
     for m, c, s in cells():
         for r in RATIOS:
-            paths += cell_metrics(m, c, s, r)
+            paths += cell_metrics(m, c, s, r).values()
             if RECOVERY:
-                paths += cell_metrics(m, c, s, r, recovered=True)
+                paths += cell_metrics(m, c, s, r, recovered=True).values()
     return paths
 
 

@@ -10,8 +10,8 @@ rule evaluate_dense:
     input:
         asset=asset_marker,
     output:
-        f"{EXP}/metrics/{{model}}/dense.json",
-        f"{EXP}/metrics/{{model}}/dense.units.parquet",
+        metrics=f"{EXP}/metrics/{{model}}/dense.json",
+        units=f"{EXP}/metrics/{{model}}/dense.units.parquet",
     log:
         f"{LOGS}/evaluate/{{model}}/dense.log",
     benchmark:
@@ -27,7 +27,7 @@ rule evaluate_dense:
         runtime=240,
     shell:
         "{params.hfprune} evaluate --config {params.config} --model {wildcards.model} "
-        "--out {output[0]} > {log} 2>&1"
+        "--out {output.metrics} > {log} 2>&1"
 
 
 rule evaluate_pruned:
@@ -37,7 +37,7 @@ rule evaluate_pruned:
         asset=asset_marker,
         plan=plan_path("{model}", "{criterion}", "{seed}", "{ratio}"),
     output:
-        cell_metrics("{model}", "{criterion}", "{seed}", "{ratio}"),
+        **cell_metrics("{model}", "{criterion}", "{seed}", "{ratio}"),
     log:
         f"{LOGS}/evaluate/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.log",
     benchmark:
@@ -53,7 +53,7 @@ rule evaluate_pruned:
         runtime=240,
     shell:
         "{params.hfprune} evaluate --config {params.config} --model {wildcards.model} --plan {input.plan} "
-        "--out {output[0]} > {log} 2>&1"
+        "--out {output.metrics} > {log} 2>&1"
 
 
 rule evaluate_recovered:
@@ -64,7 +64,7 @@ rule evaluate_recovered:
         plan=plan_path("{model}", "{criterion}", "{seed}", "{ratio}"),
         recovered=rules.recover.output[0],
     output:
-        cell_metrics("{model}", "{criterion}", "{seed}", "{ratio}", recovered=True),
+        **cell_metrics("{model}", "{criterion}", "{seed}", "{ratio}", recovered=True),
     log:
         f"{LOGS}/evaluate/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.recovered.log",
     benchmark:
@@ -80,4 +80,4 @@ rule evaluate_recovered:
         runtime=240,
     shell:
         "{params.hfprune} evaluate --config {params.config} --model {wildcards.model} --plan {input.plan} "
-        "--recovered {input.recovered} --out {output[0]} > {log} 2>&1"
+        "--recovered {input.recovered} --out {output.metrics} > {log} 2>&1"

@@ -1,4 +1,5 @@
-# Tables (markdown, CSV, LaTeX), plots and report.md of the experiment; needs every cell's metrics.
+# Tables (markdown, CSV, LaTeX), plots and report.md of the experiment; needs every cell's metrics. The folder is
+# also what `snakemake --report <experiment>/report.html` puts into Snakemake's self-contained HTML report.
 
 
 rule report:
@@ -9,7 +10,12 @@ rule report:
         plans=[plan_path(m, c, s, r) for m, c, s in cells() for r in RATIOS],
         scores=score_sidecars(),
     output:
-        REPORT,
+        report(
+            directory(REPORT),
+            patterns=["report.md", "plots/{name}.png", "tables/{name}.csv"],
+            caption="../report/report.rst",
+            category="hfprune report",
+        ),
     log:
         f"{LOGS}/report.log",
     benchmark:
@@ -18,10 +24,9 @@ rule report:
         hfprune=HFPRUNE,
         config=RUN_CONFIG,
         settings=settings("report", "evaluation", "calibration", "recovery"),
-        out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     threads: 1
     resources:
         mem_mb=4000,
         runtime=15,
     shell:
-        "{params.hfprune} report --config {params.config} --out-dir {params.out_dir} > {log} 2>&1"
+        "{params.hfprune} report --config {params.config} --out-dir {output} > {log} 2>&1"
