@@ -226,8 +226,11 @@ def main() -> None:
     parser.add_argument("--backend-limit", type=int, default=20, help="docs per task for part 3")
     parser.add_argument("--backend-rounds", type=int, default=None,
                         help="alternating timing rounds for part 3 (default: 1 with --quick, else 2)")
+    parser.add_argument("--backend-models", nargs="+", choices=[MODEL[0], QWEN[0]], default=None,
+                        help="models of part 3 (default: SmolLM2 with --quick, else both)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    chosen = [m for m in (MODEL, QWEN) if m[0] in (args.backend_models or [])]
     torch.set_num_threads(args.threads)
     if args.worker:
         _worker(args)
@@ -235,12 +238,12 @@ def main() -> None:
     if args.backend_rounds is None:
         args.backend_rounds = 1 if args.quick else 2
     if args.quick:
-        print(bench_backend(args, [MODEL]))
+        print(bench_backend(args, chosen or [MODEL]))
         return
     if not args.skip_lm_eval:
         bench_lm_eval(args)
     bench_prefill(args)
-    print(bench_backend(args, [MODEL, QWEN]))
+    print(bench_backend(args, chosen or [MODEL, QWEN]))
 
 
 if __name__ == "__main__":
