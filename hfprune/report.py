@@ -524,8 +524,15 @@ def plot_forest(table: pd.DataFrame, out_png, title: str) -> Path:
             ax.errorbar([d * sc], [yi], xerr=xerr, fmt="o", color=color, capsize=3,
                         markerfacecolor=color if v in ("better", "worse") else "white")
         ax.axvline(0, color="black", linewidth=0.8)
+        # a far-off criterion (magnitude) would squeeze the close ones into a dot at 0: linear within the
+        # typical CI half-width, logarithmic beyond it
+        half = ((sub["hi"] - sub["lo"]) / 2 * sub["scale"]).abs()
+        half = half[np.isfinite(half) & (half > 0)]
+        symlog = bool(len(half)) and (sub["diff"] * sub["scale"]).abs().max() > 10 * half.median()
+        if symlog:
+            ax.set_xscale("symlog", linthresh=float(half.median()))
         better = "higher" if sub["higher_is_better"].iloc[0] else "lower"
-        ax.set(title=f"Δ {label}", xlabel=f"A − baseline ({better} is better)")
+        ax.set(title=f"Δ {label}", xlabel=f"A − baseline ({better} is better){', symlog' if symlog else ''}")
         ax.grid(alpha=0.3)
     axes[0][0].set_yticks(range(len(rows)), rows)
     axes[0][0].invert_yaxis()
