@@ -713,7 +713,8 @@ def _verdicts(cfg: dict, model: str, records: dict, columns: dict[str, str], roo
         made = [plot_forest(rows, plots / f"{model}.forest.png", f"{model}: differences vs {base} (95 % CI)")]
         if (rows["pairs"] > 1).any():
             made.append(plot_rank_stability(rows, plots / f"{model}.rank_stability.png",
-                                            f"{model}: seeds on which A beat {base}"))
+                                            f"{model}: seeds on which A beat {base} (a count, not a test: "
+                                            "see the CIs)"))
         lines += [f"![{p.stem}]({os.path.relpath(p, root)})" for p in made] + [""]
     return lines, marks
 
