@@ -12,15 +12,17 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-
-import torch
+from typing import TYPE_CHECKING
 
 from hfprune.adapters import adapter_class
 from hfprune.assets import EMBEDDED_MODELS, materialise
 from hfprune.errors import HFPruneError
 from hfprune.runtime import read_json
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:  # torch loads with the model: config facts (plan jobs, validation) need none
+    import torch
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -111,10 +113,11 @@ def checkpoint_family(spec: ModelSpec, resources_dir: str | os.PathLike = "resou
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise HFPruneError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+    if name not in DTYPES:
+        raise HFPruneError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    import torch
+
+    return getattr(torch, name)
 
 
 def load_tokenizer(spec: ModelSpec, resources_dir="resources"):

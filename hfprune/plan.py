@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 
-import torch
+import numpy as np
 
 from hfprune.adapters import adapter_class
 from hfprune.errors import ConfigError, HFPruneError
@@ -158,13 +158,20 @@ def check_counts(plan: dict, config) -> None:
                                "parameters: edited by hand? make it again with `hfprune plan`")
 
 
-def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
-    # stable tie-break by index (sort is stable on CPU), so equal scores give a reproducible plan
-    order = torch.sort(scores.float(), descending=True, stable=True).indices[:k]
+def _as_array(scores) -> np.ndarray:
+    """fp32 numpy view of a score vector: a numpy array (the plan job reads safetensors as numpy, so it never
+    imports torch) or a CPU torch tensor (scorer, tests)."""
+    return np.asarray(scores.float() if hasattr(scores, "float") else scores, dtype=np.float32)
+
+
+def _topk_sorted(scores, k: int) -> list[int]:
+    # descending with ties broken by index (a stable sort of the negated scores, as torch.sort(stable=True)
+    # orders them), so equal scores give a reproducible plan
+    order = np.argsort(-_as_array(scores), kind="stable")[:k]
     return sorted(order.tolist())
 
 
-def make_plan(scores: dict[str, torch.Tensor], model_config, ratio: float, family: str,
+def make_plan(scores: dict, model_config, ratio: float, family: str,
               allocation: str = "uniform", scope: str = "mlp", min_keep_fraction: float = 0.05,
               kv_fraction: float = 0.0, meta: dict | None = None, scores_name: str = "scores") -> dict:
     """Kept indices per layer from score tensors `mlp.<i>` (and `attn_kv.<i>` for scope mlp+attn); `scores_name`
@@ -177,7 +184,7 @@ def make_plan(scores: dict[str, torch.Tensor], model_config, ratio: float, famil
         if s is None or tuple(s.shape) != (size,):
             raise ConfigError(f"{scores_name}: missing or wrong-sized tensor 'mlp.{i}' (expected {size} values); "
                               "were they computed for this model?")
-        layer_scores.append(s.float())
+        layer_scores.append(_as_array(s))
     keep, floor, kv_remove = check_feasible(model_config, ratio, family, allocation, scope, min_keep_fraction,
                                             kv_fraction)
     if allocation == "uniform":
@@ -201,21 +208,22 @@ def make_plan(scores: dict[str, torch.Tensor], model_config, ratio: float, famil
             "layers": [{"mlp_keep": m, "kv_keep": k} for m, k in zip(mlp_keep, kv_keep)]}
 
 
-def _global_keep(layer_scores: list[torch.Tensor], budget: int, floor: int) -> list[list[int]]:
+def _global_keep(layer_scores: list[np.ndarray], budget: int, floor: int) -> list[list[int]]:
     """Keep the `budget` neurons with the highest layer-normalised scores, at least `floor` per layer."""
     # scores of different layers live on different scales; dividing by the layer mean makes them comparable
-    norm = [s / s.mean().clamp_min(torch.finfo(torch.float32).tiny) for s in layer_scores]
+    tiny = np.finfo(np.float32).tiny
+    norm = [s / np.float32(max(s.mean(dtype=np.float64), tiny)) for s in layer_scores]
     chosen = [set(_topk_sorted(s, floor)) for s in norm]
     rest = budget - floor * len(norm)  # >= 0: check_feasible
     cand_scores, cand_ids = [], []
     for layer, s in enumerate(norm):
-        mask = torch.ones_like(s, dtype=torch.bool)
+        mask = np.ones(len(s), dtype=bool)
         mask[list(chosen[layer])] = False
-        idx = mask.nonzero().squeeze(1)
+        idx = np.flatnonzero(mask)
         cand_scores.append(s[idx])
-        cand_ids.append(torch.stack([torch.full_like(idx, layer), idx], 1))
-    all_scores, all_ids = torch.cat(cand_scores), torch.cat(cand_ids)
-    top = torch.sort(all_scores, descending=True, stable=True).indices[:rest]
+        cand_ids.append(np.stack([np.full_like(idx, layer), idx], 1))
+    all_scores, all_ids = np.concatenate(cand_scores), np.concatenate(cand_ids)
+    top = np.argsort(-all_scores, kind="stable")[:rest]
     for layer, idx in all_ids[top].tolist():
         chosen[layer].add(idx)
     return [sorted(c) for c in chosen]

@@ -14,10 +14,12 @@ import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from hfprune.errors import HFPruneError
+
+if TYPE_CHECKING:  # imported where used: the plan job and config checks run without torch
+    import torch
 
 VERSIONED_PACKAGES = ("hfprune", "torch", "transformers", "accelerate", "lm_eval", "datasets", "peft",
                       "safetensors", "snakemake", "mlflow", "pandas", "numpy")
@@ -59,6 +61,8 @@ def package_versions() -> dict[str, str]:
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     torch.manual_seed(seed)
     try:
@@ -70,6 +74,8 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    import torch
+
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -157,9 +163,10 @@ def read_json(path: str | os.PathLike, what: str = "JSON file"):
         return json.loads(p.read_text(encoding="utf-8"))
 
 
-def read_safetensors(path: str | os.PathLike, what: str = "safetensors file") -> tuple[dict, dict]:
-    """(tensors, header metadata) of a safetensors file; a truncated or corrupt file is one line naming it."""
+def read_safetensors(path: str | os.PathLike, what: str = "safetensors file", framework: str = "pt") -> tuple[dict, dict]:
+    """(tensors, header metadata) of a safetensors file; a truncated or corrupt file is one line naming it.
+    `framework` "numpy" reads numpy arrays without importing torch."""
     from safetensors import safe_open
 
-    with reading(path, what) as p, safe_open(str(p), "pt") as f:
+    with reading(path, what) as p, safe_open(str(p), framework) as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (not a mapping)

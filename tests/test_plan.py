@@ -1,13 +1,19 @@
 """Ratio -> neurons from configs alone (the paper's table), uniform/global/mlp+attn plans."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import tiny_config
-from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+import yaml
+from conftest import REPO_RESOURCES, tiny_config
+from safetensors.torch import save_file
+from transformers import AutoConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
 from hfprune.adapters import adapter_class
 from hfprune.errors import ConfigError
-from hfprune.plan import format_ratio, make_plan, neurons_to_keep, params_per_kv_group
+from hfprune.plan import _topk_sorted, format_ratio, make_plan, neurons_to_keep, params_per_kv_group
 
 # shared/reference/README.md, "Pruning ratio -> neurons kept per layer", with the models' published sizes
 # (family, config class, hidden, intermediate, layers, heads, kv heads, head_dim, vocab, tied, expected)
@@ -97,3 +103,32 @@ def test_mlp_attn_plan_counts_kv_groups_toward_the_ratio(family):
     assert removed - mlp_removed == 2 * params_per_kv_group(config, family)
     with pytest.raises(ConfigError, match="attn_kv"):
         make_plan(_scores(config), config, 0.3, family, scope="mlp+attn", kv_fraction=0.5)
+
+
+def test_ranking_breaks_ties_as_torch_stable_sort():
+    """Plans rank with numpy (the plan job never imports torch); the order must be torch.sort(stable=True)'s."""
+    s = torch.randint(0, 5, (500,), generator=torch.Generator().manual_seed(0)).float()  # many ties
+    s[::7], s[1::11] = 0.0, -0.0
+    for k in (1, 37, 250, 499):
+        expected = sorted(torch.sort(s, descending=True, stable=True).indices[:k].tolist())
+        assert _topk_sorted(s, k) == _topk_sorted(s.numpy(), k) == expected
+
+
+def test_plan_job_reads_numpy_and_never_imports_torch(tmp_path, tiny_llama_dir):
+    """Importing torch was most of a plan job's wall time; its plan equals make_plan on torch tensors."""
+    scores = {f"mlp.{i}": torch.rand(96, generator=torch.Generator().manual_seed(i)) * 10 ** i for i in range(2)}
+    save_file(scores, str(tmp_path / "s.safetensors"))
+    cfg = {"experiment": "p", "results_dir": str(tmp_path / "results"), "resources_dir": str(REPO_RESOURCES),
+           "models": [{"name": "m", "family": "llama", "source": str(tiny_llama_dir)}], "criteria": ["magnitude"],
+           "ratios": [0.005], "pruning": {"allocation": "global"}, "tracking": {"enabled": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    argv = ["plan", "--config", str(tmp_path / "c.yaml"), "--model", "m", "--scores", str(tmp_path / "s.safetensors"),
+            "--ratio", "0.005", "--out", str(tmp_path / "p.json")]
+    code = f"import sys; from hfprune.cli import main; rc = main({argv!r}); print('torch' in sys.modules); sys.exit(rc)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == "False"
+    expected = make_plan(scores, AutoConfig.from_pretrained(tiny_llama_dir), 0.005, "llama", allocation="global")
+    got = json.loads((tmp_path / "p.json").read_text())
+    assert [x["mlp_keep"] for x in got["layers"]] == [x["mlp_keep"] for x in expected["layers"]]
+    assert len(got["layers"][0]["mlp_keep"]) != len(got["layers"][1]["mlp_keep"])  # global: layers differ

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from hfprune.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where tensors are touched: planning and validation read configs only
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class MLPParts:
     def row_slices(self, keep: torch.Tensor) -> list[tuple[nn.Linear, torch.Tensor]]:
         """(Linear, output rows to keep) that keep the neurons `keep`: both halves of a fused gate_up alike."""
         if self.gate is None:
+            import torch
+
             return [(self.up, torch.cat([keep, keep + self.down.in_features]))]
         return [(self.gate, keep), (self.up, keep)]
 

@@ -1,5 +1,3 @@
-import torch
-
 from hfprune.adapters.base import ModelAdapter
 
 
@@ -10,7 +8,7 @@ class Gemma2Adapter(ModelAdapter):
 
     def logits_transform(self):
         cap = getattr(self.config, "final_logit_softcapping", None)
-        return None if cap is None else lambda z: torch.tanh(z / cap) * cap
+        return None if cap is None else lambda z: (z / cap).tanh() * cap
 
     @classmethod
     def layer_norm_params(cls, config) -> int:

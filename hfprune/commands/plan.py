@@ -50,11 +50,14 @@ def run(args) -> int:
         raise HFPruneError(f"--scores {str(scores_path)!r} does not exist; run `hfprune score` first")
     if not 0 < args.ratio < 1:
         raise HFPruneError(f"--ratio {args.ratio} must be in (0, 1)")
-    scores, metadata = read_safetensors(scores_path, "--scores")
+    import numpy as np
+
+    # numpy, not torch: importing torch would be most of this job's time
+    scores, metadata = read_safetensors(scores_path, "--scores", framework="numpy")
     with reading(scores_path, "--scores"):
         header = json.loads(metadata.get("hfprune", "{}"))
     # topk ranks NaN above every number: a NaN neuron would be kept silently
-    bad = [k for k, v in scores.items() if v.is_floating_point() and not v.isfinite().all()]
+    bad = [k for k, v in scores.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
     if bad:
         raise HFPruneError(f"--scores {str(scores_path)!r} holds NaN/inf in {', '.join(bad)}; rescore it")
     if header.get("model") not in (None, spec.name):
