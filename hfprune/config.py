@@ -7,6 +7,7 @@ job starts, with the offending field named (e.g. ``ratios[1]: 1.2 is not less th
 from __future__ import annotations
 
 import copy
+import glob
 from functools import lru_cache
 from pathlib import Path
 
@@ -81,10 +82,25 @@ def validate_config(config: dict, source: str = "config") -> dict:
         from hfprune.tasks import resolve_suite
 
         try:
-            resolve_suite(ev["suite"], ev["tasks"])
+            specs = resolve_suite(ev["suite"], ev["tasks"])
         except HFPruneError as exc:
             raise ConfigError(f"{source}: invalid config field 'evaluation.tasks': {exc}") from None
+        _check_task_data(ev["task_data"], [s.task for s in specs], source)
     return cfg
+
+
+def _check_task_data(task_data: dict, names: list[str], source: str) -> None:
+    """evaluation.task_data names tasks the grid evaluates and local files that exist (not in the first
+    evaluate job, after the scoring)."""
+    from hfprune.tasks import data_files
+
+    unknown = sorted(set(task_data) - set(names))
+    if unknown:
+        raise ConfigError(f"{source}: invalid config field 'evaluation.task_data': {', '.join(unknown)} not among "
+                          f"the evaluated tasks ({', '.join(names)})")
+    for field, path in data_files(task_data):
+        if "://" not in path and not [p for p in glob.glob(path) if Path(p).is_file()]:  # a path or a pattern
+            raise ConfigError(f"{source}: invalid config field {field!r}: no file {path!r}")
 
 
 def _fill_families(cfg: dict) -> None:

@@ -160,8 +160,10 @@ def check_counts(plan: dict, config) -> None:
 
 def _as_array(scores) -> np.ndarray:
     """fp32 numpy view of a score vector: a numpy array (the plan job reads safetensors as numpy, so it never
-    imports torch) or a CPU torch tensor (scorer, tests)."""
-    return np.asarray(scores.float() if hasattr(scores, "float") else scores, dtype=np.float32)
+    imports torch) or a torch tensor (scorer, tests)."""
+    if hasattr(scores, "detach"):
+        scores = scores.detach().float().cpu()
+    return np.asarray(scores, dtype=np.float32)
 
 
 def _topk_sorted(scores, k: int) -> list[int]:

@@ -11,6 +11,8 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hfprune.errors import HFPruneError
 from hfprune.evaluation.backend import SharedContextLM, group_requests, lm_class
@@ -141,6 +143,25 @@ def test_bf16_runs_and_stays_close(smollm2_dir):
     for (g, _), (w, _) in zip(got._loglikelihood_tokens(reqs, True), want._loglikelihood_tokens(reqs, True),
                               strict=True):
         assert g == pytest.approx(w, abs=0.25)
+
+
+def _mask_ignoring_attention(module, query, key, value, attention_mask, **kwargs):
+    """A real kernel that drops custom masks, as flash-attention does: causal attention over the whole row."""
+    kwargs.pop("is_causal", None)
+    return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_route_check_passes_rounding_and_stops_a_kernel_that_ignores_the_tree_mask(smollm2_dir, dtype):
+    """bf16 rounding moves SmolLM2's log-probs by ~0.4 between two correct routes (an absolute 0.25 bound stopped
+    real bf16 runs); a kernel that ignores the tree mask is ~10 off, and must stop with a one-line error."""
+    model, tok = load_model(ModelSpec("smollm2-135m", "llama", "smollm2-135m"), REPO_RESOURCES, dtype)
+    text = tok("The quick brown fox jumps over the lazy dog and then runs far away.")["input_ids"]
+    SharedContextLM(pretrained=model, tokenizer=tok, batch_size=4)._check_route(text)  # passes
+    AttentionInterface.register("mask_ignoring", _mask_ignoring_attention)
+    model.set_attn_implementation("mask_ignoring")
+    with pytest.raises(HFPruneError, match="the packed-tree route differs .* with attention 'mask_ignoring'"):
+        SharedContextLM(pretrained=model, tokenizer=tok, batch_size=4)._check_route(text)
 
 
 def test_other_request_types_fall_back_to_stock_and_bad_requests_fail(smollm2_dir):

@@ -213,3 +213,50 @@ def test_suite_runs_end_to_end_on_smollm2(smollm2):
             # WinoGrande varies the context, not the continuation: its gold index comes from doc_to_text
             gold = (task.doc_to_text if task.multiple_input else task.doc_to_target)(s["doc"])
             assert s["acc"] == float(max(range(len(lls)), key=lls.__getitem__) == gold)
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hub" / "tasks"
+
+
+def _local(path: str, split: str) -> dict:
+    """evaluation.task_data for a stock task read from a local parquet copy of its evaluated split."""
+    other = {"training_split": None} | ({"validation_split": None} if split == "test" else {})
+    return {"dataset_path": "parquet", "dataset_name": None, "dataset_kwargs": {"data_files": {split: path}}} | other
+
+
+def test_task_data_reads_stock_tasks_from_local_files(ours):
+    """The stock arc_easy YAML pointed at a local copy of its test split (hub parquet schema) asks the model
+    exactly what our offline task asks for the same docs; made-up RACE rows go through RACE's own code."""
+    from hfprune.evaluation.runner import select_tasks
+
+    arc = str(FIXTURES / "allenai/ai2_arc/ARC-Easy/test-00000-of-00001.parquet")
+    race = str(FIXTURES / "EleutherAI/race/high/test-00000-of-00001.parquet")
+    specs = [s for s in SUITES["paper10"] if s.column in ("arc_easy", "race")]
+    sel = select_tasks(specs, None, 0, task_data={"arc_easy": _local(arc, "test"), "race": _local(race, "test")})
+    local, mine = sel.tasks["arc_easy"], ours["offline_arc_easy"]
+    assert sel.docs_total == {"arc_easy": 8, "race": 4}
+    assert local.config.dataset_path == "parquet" and local.VERSION == mine.VERSION
+    for task in (local, mine):
+        task.build_all_requests(limit=8)
+    assert [r.arguments for r in local.instances] == [r.arguments for r in mine.instances[:len(local.instances)]]
+    assert sel.tasks["race"].doc_to_text(sel.tasks["race"].task_docs[0]).startswith("Article: Anna went")
+    with pytest.raises(HFPruneError, match="evaluation.task_data: task\\(s\\) piqa are not in the suite"):
+        select_tasks(specs, None, 0, task_data={"piqa": _local(arc, "test")})
+
+
+def test_task_data_errors_name_the_field(tmp_path):
+    from hfprune.config import validate_config
+
+    base = {"models": [{"name": "m", "family": "llama", "source": "smollm2-135m"}], "criteria": ["magnitude"],
+            "ratios": [0.2]}
+    missing = str(tmp_path / "nope.parquet")
+    for task_data, message in (
+        ({"race": _local(missing, "test")}, "not among the evaluated tasks"),
+        ({"arc_easy": _local(missing, "test")},
+         f"'evaluation.task_data.arc_easy.dataset_kwargs.data_files.test': no file {missing!r}"),
+        ({"arc_easy": {"dataset_pth": "json"}}, "Additional properties are not allowed"),
+    ):
+        cfg = base | {"evaluation": {"suite": "llmpruner7", "task_data": task_data}}
+        with pytest.raises(HFPruneError, match=message) as err:
+            validate_config(cfg)
+        assert "\n" not in str(err.value)

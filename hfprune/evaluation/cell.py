@@ -87,7 +87,7 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
     if recovered_dir is not None:
         _check_recovered(recovered_dir, plan)
     selection = select_tasks(specs, ev["limit"], ev["subsample_seed"], ev["metrics"],
-                             backend=ev["backend"]) if specs else None
+                             backend=ev["backend"], task_data=ev["task_data"]) if specs else None
 
     # ---- models
     seed_everything(cfg["seed"])

@@ -58,16 +58,23 @@ def default_task_manager(names):
 
 
 def select_tasks(specs, limit: int | None, seed: int, metric_overrides: dict | None = None,
-                 task_manager=None, backend: str = "shared") -> TaskSelection:
-    """Load the tasks of a resolved suite (no model needed), check metric overrides, draw the subsets."""
+                 task_manager=None, backend: str = "shared", task_data: dict | None = None) -> TaskSelection:
+    """Load the tasks of a resolved suite (no model needed; `task_data`: evaluation.task_data), check metric
+    overrides, draw the subsets."""
+    from hfprune.tasks import load_tasks
+
     overrides = dict(metric_overrides or {})
     names = [s.task for s in specs]
     unknown = sorted(set(overrides) - set(names) - {s.column for s in specs})
     if unknown:
         raise ConfigError(f"evaluation.metrics: task(s) {', '.join(unknown)} are not in the suite "
                           f"({', '.join(names)})")
+    unknown = sorted(set(task_data or {}) - set(names))
+    if unknown:
+        raise ConfigError(f"evaluation.task_data: task(s) {', '.join(unknown)} are not in the suite "
+                          f"({', '.join(names)})")
     tm = task_manager or default_task_manager(names)
-    loaded = tm.load(names)["tasks"]
+    loaded = load_tasks(tm, names, task_data)
     metrics, columns, docs_total, samples = {}, {}, {}, {}
     for spec in specs:
         task = loaded[spec.task]

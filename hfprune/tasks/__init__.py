@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from hfprune.errors import HFPruneError
+from hfprune.errors import ConfigError, HFPruneError
 
 TASK_DIR = Path(__file__).resolve().parent
 
@@ -84,3 +84,34 @@ def task_manager(**kwargs):
     from lm_eval.tasks import TaskManager  # heavy import, kept out of `import hfprune.tasks`
 
     return TaskManager(include_path=str(TASK_DIR), **kwargs)
+
+
+def load_tasks(tm, names: list[str], task_data: dict | None = None) -> dict:
+    """lm-eval Task objects by name. A task named in `task_data` (evaluation.task_data) is built from its own YAML
+    (includes and !function resolved as lm-eval resolves them) with those fields replaced, e.g. its dataset read
+    from local files, so prompts, targets, metrics and version stay the stock task's."""
+    from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's own YAML loader (pinned lm_eval==0.4.13)
+
+    task_data = task_data or {}
+    specs = []
+    for name in names:
+        if name not in task_data:
+            specs.append(name)
+            continue
+        entry = tm.task_index.get(name)
+        if entry is None or entry.yaml_path is None:
+            raise ConfigError(f"evaluation.task_data: {name!r} is not a task lm-eval builds from a YAML file")
+        specs.append({**load_yaml(entry.yaml_path), **task_data[name]})
+    return tm.load(specs)["tasks"]
+
+
+def data_files(task_data: dict) -> list[tuple[str, str]]:
+    """(config field, path) of every local file that evaluation.task_data names in dataset_kwargs.data_files."""
+    out = []
+    for task, fields in task_data.items():
+        files = (fields.get("dataset_kwargs") or {}).get("data_files")
+        values = files.items() if isinstance(files, dict) else [(None, files)]
+        for split, value in values:
+            field = f"evaluation.task_data.{task}.dataset_kwargs.data_files" + (f".{split}" if split else "")
+            out += [(field, str(v)) for v in (value if isinstance(value, list) else [value]) if v is not None]
+    return out
