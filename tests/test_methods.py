@@ -5,12 +5,13 @@ import contextlib
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_config, tiny_model
 
 from hfprune.adapters import get_adapter
 from hfprune.config import validate_config
 from hfprune.criteria import get_criterion
 from hfprune.errors import ConfigError
+from hfprune.limits import scoring_memory
 from hfprune.plan import check_counts, make_plan
 from hfprune.scorer import score_model
 from hfprune.surgery import check_plan, neuron_mask, prune_model
@@ -152,3 +153,16 @@ def test_methods_refuse_attention_scope(name):
     with pytest.raises(ConfigError, match=f"'pruning.scope': criterion '{name}'") as err:
         validate_config(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_memory_estimate_counts_the_weight_gradients():
+    """The scoring-memory guard adds every MLP weight's gradient, and llm_pruner's fp32 sum of them."""
+    arch = tiny_config("llama")
+    cfg = validate_config({"models": [{"name": "smol", "family": "llama", "source": "smollm2-135m"}],
+                           "criteria": ["taylor_ce"], "ratios": [0.2]})  # float32: 4 bytes a weight
+    mlp = arch.num_hidden_layers * 3 * arch.hidden_size * arch.intermediate_size
+    ce = scoring_memory(arch, cfg, ["taylor_ce"])
+    assert "weight_gradients" not in ce
+    assert scoring_memory(arch, cfg, ["sdmprune"])["weight_gradients"] == 4 * mlp
+    llmp = scoring_memory(arch, cfg, ["llm_pruner"])
+    assert llmp == {**ce, "weight_gradients": 8 * mlp}
