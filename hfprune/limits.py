@@ -19,6 +19,8 @@ intermediate size, L = layers, H = attention heads, T = seq_len, V = vocabulary)
   flight, and the logits of one chunk (scoring.logits_chunk tokens x V in fp32, default 256 MiB) four times
   (the reused buffer, its spare copy, softmax temporaries, the teacher's logits), eight times for criteria
   differentiated by autograd (taylor_kd, taylor_entropy_topk);
+- weight-level criteria (`ParameterGradientCriterion`): also the gradients of every MLP weight
+  (L x 3 x h x I x b), and their fp32 sum where the criterion scores the whole set's gradient;
 - activation criteria: the captured down_proj inputs of every layer plus one layer; weight criteria: weights;
 - the runtime: 1 GiB on CPU (Python, torch, tokenizer, text), 0.5 GiB on CUDA (allocator slack).
 
@@ -88,6 +90,7 @@ def check_sequence_lengths(cfg: dict, name: str, arch, stages=STAGES, criteria=N
 def scoring_memory(arch, cfg: dict, criteria=None) -> dict[str, int]:
     """Estimated peak bytes of scoring `arch` with the config's criteria (or `criteria`), by part (see above)."""
     from hfprune.adapters import adapter_class
+    from hfprune.criteria import ParameterGradientCriterion
     from hfprune.scorer import LOGITS_CHUNK_BYTES
 
     crits = _criteria(criteria or cfg["criteria"])
@@ -106,6 +109,11 @@ def scoring_memory(arch, cfg: dict, criteria=None) -> dict[str, int]:
         grad = [c for c in crits if c.requires_gradient]
         copies = LOGITS_COPIES if all(c.closed_form() for c in grad) else LOGITS_COPIES_AUTOGRAD
         parts["logits"] = copies * min(chunk, n) * arch.vocab_size * 4
+        weight_level = [c for c in grad if issubclass(c, ParameterGradientCriterion)]
+        if weight_level:
+            mlp_weights = layers * 3 * h * inter
+            summed = any(not c.per_sequence for c in weight_level)
+            parts["weight_gradients"] = mlp_weights * (b + (4 if summed else 0))
     elif any(c.requires_data for c in crits):
         parts["activations"] = layers * n * inter * b + layer
     return parts

@@ -37,7 +37,11 @@ from hfprune.runtime import atomic_path, read_json
 from hfprune.stats import mean_interval
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
-PAPER_LABELS = {"taylor_ce": "CE", "taylor_kd": "SD", "taylor_entropy": "IE"}  # the paper's criterion names
+# What a criterion's rows are: the paper's Taylor criteria on activations (its CE / SD / IE ablation) apart from
+# the weight-level methods it compares with in Table 1
+CRITERION_LABELS = {"taylor_ce": "CE criterion (Taylor, act.)", "taylor_kd": "SD criterion (Taylor, act.)",
+                    "taylor_entropy": "IE (HFPrune)", "sdmprune": "SDMPrune (method)",
+                    "llm_pruner": "LLM-Pruner (method)"}
 CELL_KEYS = ["model", "criterion", "ratio", "recovered"]
 SPREAD = ("average", "js_distance", "topk_jaccard", "kl")  # shown as mean ± sd over calibration seeds
 
@@ -262,10 +266,16 @@ def power_line(table: pd.DataFrame, columns: dict[str, str]) -> str:
 
 # ---- tables (numbers) and their display form
 
+def criterion_label(crit: str) -> str:
+    """`<name> — <what it is>` for a criterion with a display label, else its name."""
+    return f"{crit} — {CRITERION_LABELS[crit]}" if crit in CRITERION_LABELS else crit
+
+
 def _method(row) -> str:
     if row["criterion"] == "dense":
         return "dense"
-    return f"{row['criterion']} +LoRA" if row["recovered"] else row["criterion"]
+    label = criterion_label(row["criterion"])
+    return f"{label} +LoRA" if row["recovered"] else label
 
 
 def _finetuned(row) -> str:
@@ -328,7 +338,7 @@ def ablation_table(cells: pd.DataFrame, criteria: list[str], paper_name: str | N
         paper = paper[paper["model"] == paper_name]
         for crit, group in paper.groupby("criterion", sort=False):
             col = group.set_index("ratio")["average"]
-            table[f"{crit} ({PAPER_LABELS.get(crit, crit)}, paper)"] = col.reindex(table.index)
+            table[f"{criterion_label(crit)} (paper)"] = col.reindex(table.index)
     return table.reset_index()
 
 
@@ -348,7 +358,7 @@ def fidelity_table(cells: pd.DataFrame, criteria: list[str], paper_name: str | N
         paper = reference("table7_fidelity")
         for crit, group in paper[paper["model"] == paper_name].groupby("criterion", sort=False):
             group = group.set_index("ratio")
-            label = f"{crit} ({PAPER_LABELS.get(crit, crit)}, paper, top-{group['k'].iloc[0]})"
+            label = f"{criterion_label(crit)} (paper, top-{group['k'].iloc[0]})"
             out[f"{label} JS"] = group["js_distance"].reindex(out.index)
             out[f"{label} Jaccard"] = group["topk_jaccard"].reindex(out.index)
     return out.reset_index()
@@ -492,7 +502,7 @@ def plot_metric_vs_ratio(cells: pd.DataFrame, metrics: list[str], out_png, title
                                                                                      sort=False):
             group = pd.concat([dense, group]).sort_values("ratio")
             ax.errorbar(group["ratio"], group[metric], yerr=_errors(group, metric, band), marker="o", capsize=3,
-                        linestyle="--" if recovered else "-", label=f"{crit}{' +LoRA' if recovered else ''}")
+                        linestyle="--" if recovered else "-", label=f"{criterion_label(crit)}{' +LoRA' if recovered else ''}")
         if len(dense):
             ax.axhline(dense[metric].iloc[0], color="grey", linestyle=":", linewidth=1, label="dense")
         ax.set(xlabel="pruning ratio (fraction of all parameters)", ylabel=ylabel,

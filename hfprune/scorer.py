@@ -19,6 +19,11 @@ tokens of token_scores(h_i * dC/dh_i).
 (`preprune_keep`, int(3.9 x hidden) neurons per layer by default; none where that is the whole layer) -> the
 student (dense weights + 0/1 neuron mask) is scored against the unmasked dense
 model's outputs, computed in a separate no-grad forward: no teacher copy is held in memory.
+
+Weight-level methods (`ParameterGradientCriterion`: `sdmprune`, `llm_pruner`) differentiate the same chunked
+output loss (dC/dH from `_output_gradients`) back to the MLP weights, the only parameters that then require
+grad, and hand each layer's (W, dC/dW) to the criterion: per sequence, or once from the fp32 sum over batches.
+`sdmprune` pre-prunes with its own CE weight score, as SDMPrune's released code does.
 """
 
 from __future__ import annotations
@@ -35,10 +40,10 @@ import torch
 
 from hfprune.adapters import get_adapter
 from hfprune.criteria import (
-    CRITERIA,
     ActivationCriterion,
     Criterion,
     GradientCriterion,
+    ParameterGradientCriterion,
     WeightCriterion,
     get_criterion,
 )
@@ -268,29 +273,101 @@ def _gradient_scores(model, adapter, batches, criteria: list[GradientCriterion],
             teacher_H = None
             if needs_teacher:  # the dense model, without the student's pre-prune mask
                 teacher_H = _decoder_forward(model, adapter, ids, mask, grad=False)
+            # the mask stays on through the backward: gradient checkpointing recomputes the masked forward
             with neuron_mask(model, mask_plan) if mask_plan else contextlib.nullcontext():
                 capture.active = True
                 H = _decoder_forward(model, adapter, ids, mask, grad=True)
                 capture.active = False
-            for i in range(adapter.num_layers):
-                capture.h[i].register_hook(accumulate(f"mlp.{i}", capture.h, i, None))
-                if attn:
-                    groups = adapter.attention(i).num_kv_heads
-                    capture.o[i].register_hook(accumulate(f"attn_kv.{i}", capture.o, i, groups))
-            grads = _output_gradients(model, H, criteria, labels, state["valid"], teacher_H, chunk,
-                                      adapter.logits_transform())
-            # the earliest captured tensor: a backward that reaches it passes every other one
-            first = capture.o[0] if attn else capture.h[0]
-            for k in range(len(criteria)):
-                state["k"] = k
-                last = k + 1 == len(criteria)
-                torch.autograd.grad(H, first, grad_outputs=grads[k], retain_graph=not last)
-                grads[k] = None
-            del H, grads, first
+                for i in range(adapter.num_layers):
+                    capture.h[i].register_hook(accumulate(f"mlp.{i}", capture.h, i, None))
+                    if attn:
+                        groups = adapter.attention(i).num_kv_heads
+                        capture.o[i].register_hook(accumulate(f"attn_kv.{i}", capture.o, i, groups))
+                grads = _output_gradients(model, H, criteria, labels, state["valid"], teacher_H, chunk,
+                                          adapter.logits_transform())
+                # the earliest captured tensor: a backward that reaches it passes every other one
+                first = capture.o[0] if attn else capture.h[0]
+                for k in range(len(criteria)):
+                    state["k"] = k
+                    last = k + 1 == len(criteria)
+                    torch.autograd.grad(H, first, grad_outputs=grads[k], retain_graph=not last)
+                    grads[k] = None
+                del H, grads, first
             capture.clear()
     finally:
         capture.remove()
     return [{k: v.cpu() for k, v in a.items()} for a in acc], tokens
+
+
+def _mlp_weights(adapter, i: int) -> list[torch.nn.Parameter]:
+    mlp = adapter.mlp(i)
+    return [m.weight for m in (mlp.gate, mlp.up, mlp.down) if m is not None]
+
+
+def _neuron_parts(adapter, i: int, grads: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """fp32 (W, dC/dW) of layer i's gate rows, up rows and down columns (transposed), [intermediate, hidden] each;
+    `grads` in the order of `_mlp_weights` (a fused gate_up weight splits in two)."""
+    weights = _mlp_weights(adapter, i)
+    pairs = [(w.detach().float(), g.float()) for w, g in zip(weights[:-1], grads[:-1])]
+    if adapter.mlp(i).gate is None:
+        [(w, g)] = pairs
+        pairs = list(zip(w.chunk(2, 0), g.chunk(2, 0)))
+    return pairs + [(weights[-1].detach().float().t(), grads[-1].float().t())]
+
+
+def _parameter_scores(model, adapter, batches, crit: ParameterGradientCriterion, chunk: int | None,
+                      progress: bool, mask_plan: dict | None = None) -> tuple[dict, int]:
+    """Scores of a weight-level criterion: dC/dH by chunks of logits, then autograd to the MLP weights."""
+    from hfprune.surgery import neuron_mask
+
+    units = [_as_batch(b) for b in batches]
+    if crit.per_sequence:
+        units = [(ids[j:j + 1], mask[j:j + 1]) for ids, mask in units for j in range(len(ids))]
+    valids = [counted_positions(mask, labelled=crit.uses_labels) for _, mask in units]
+    units = [{"input_ids": ids, "attention_mask": mask} for ids, mask in units]
+    total = max(sum(int(v.sum()) for v in valids), 1)
+    params = [w for i in range(adapter.num_layers) for w in _mlp_weights(adapter, i)]
+    sizes = [len(_mlp_weights(adapter, i)) for i in range(adapter.num_layers)]
+    scores: dict[str, torch.Tensor] = {}
+    acc = None if crit.per_sequence else [torch.zeros_like(p, dtype=torch.float32) for p in params]
+
+    def add_scores(grads, where: str):
+        start = 0
+        for i, n in enumerate(sizes):
+            s = crit.neuron_scores(_neuron_parts(adapter, i, grads[start:start + n]))
+            start += n
+            if not torch.isfinite(s).all():
+                raise ScoreError(f"criterion {crit.name!r}: non-finite score in mlp.{i} (layer {i}) {where}; "
+                                 "try dtype float32")
+            scores[f"mlp.{i}"] = s if f"mlp.{i}" not in scores else scores[f"mlp.{i}"] + s
+
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        for u, ((ids, mask), valid) in enumerate(zip(_progress(units, progress, crit.name), valids)):
+            labels = next_token_labels(ids, counted_positions(mask))
+            teacher_H = _decoder_forward(model, adapter, ids, mask, grad=False) if crit.needs_teacher else None
+            # the mask stays on through the backward: gradient checkpointing recomputes the masked forward
+            with neuron_mask(model, mask_plan) if mask_plan else contextlib.nullcontext():
+                H = _decoder_forward(model, adapter, ids, mask, grad=True)
+                (g,) = _output_gradients(model, H, [crit], labels, [valid], teacher_H, chunk,
+                                         adapter.logits_transform())
+                if acc is not None:  # C averaged over every counted token of the set, not of this batch
+                    g.mul_(int(valid.sum()) / total)
+                grads = torch.autograd.grad(H, params, grad_outputs=g)
+            del H, g
+            if acc is None:
+                add_scores(grads, f"at sequence {u}")
+            else:
+                for a, gr in zip(acc, grads):
+                    a.add_(gr.float())
+            del grads
+        if acc is not None:
+            add_scores(acc, "")
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    return {k: v.cpu() for k, v in scores.items()}, total
 
 
 # --- entry points ------------------------------------------------------------------------------------------
@@ -310,13 +387,15 @@ def _score(model, batches, criteria, *, scope, seed, logits_chunk, gradient_chec
     crits = [get_criterion(c) if isinstance(c, str) else c for c in criteria]
     adapter = get_adapter(model)
     adapter.check_scope(scope)
+    for c in crits:
+        c.check_scope(scope)
     attn = scope == "mlp+attn"
     batches = list(batches)
     out: dict[str, dict] = {}
     tokens = 0
     was_training = model.training
     saved_flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():  # no parameter gradient is ever computed
+    for p in model.parameters():  # frozen; a weight-level criterion unfreezes the MLP weights for its pass
         p.requires_grad_(False)
     if gradient_checkpointing:
         # HF checkpoints layers only in training mode; these families have no active dropout at p=0
@@ -330,22 +409,32 @@ def _score(model, batches, criteria, *, scope, seed, logits_chunk, gradient_chec
         if act:  # one forward pass serves every activation criterion
             mean_abs, tokens = _mean_abs_inputs(model, adapter, batches, attn, progress)
             out.update({c.name: c.activation_scores(adapter, mean_abs, attn) for c in act})
-        grad = [c for c in crits if c.requires_gradient and not c.needs_teacher]
         kd = [c for c in crits if c.needs_teacher]
-        ce = next((c for c in grad if c.name == "taylor_ce"), None)
-        # the pre-prune needs CE scores: computed in the shared forward
-        if ce is None and any(_preprunes(c.options["preprune_keep"], adapter) for c in kd):
-            ce = CRITERIA["taylor_ce"]()
-            grad.append(ce)
-        ce_scores = None
+        # the pre-prunes need CE scores: computed with the other criteria (shared with a requested one)
+        pre = {}
+        for c in kd:
+            if _preprunes(c.options["preprune_keep"], adapter):
+                p = c.preprune_criterion()
+                pre.setdefault(p.name, next((x for x in crits if x.name == p.name), p))
+        todo = [c for c in crits if c.requires_gradient and not c.needs_teacher]
+        todo += [p for p in pre.values() if p not in todo]
+        grad = [c for c in todo if not isinstance(c, ParameterGradientCriterion)]
+        scores: dict[str, dict] = {}
         if grad:
             results, tokens = _gradient_scores(model, adapter, batches, grad, attn, logits_chunk, progress)
-            out.update({c.name: r for c, r in zip(grad, results) if c in crits})
-            ce_scores = results[grad.index(ce)] if ce is not None else None
+            scores.update({c.name: r for c, r in zip(grad, results)})
+        for c in todo:
+            if isinstance(c, ParameterGradientCriterion):
+                scores[c.name], tokens = _parameter_scores(model, adapter, batches, c, logits_chunk, progress)
         for c in kd:
-            pre = _preprune_plan(c.options["preprune_keep"], ce_scores, model.config, adapter)
-            (out[c.name],), tokens = _gradient_scores(model, adapter, batches, [c], attn, logits_chunk,
-                                                      progress, mask_plan=pre)
+            plan = _preprune_plan(c, scores.get(c.preprune_criterion().name), model.config, adapter)
+            if isinstance(c, ParameterGradientCriterion):
+                scores[c.name], tokens = _parameter_scores(model, adapter, batches, c, logits_chunk, progress,
+                                                           mask_plan=plan)
+            else:
+                (scores[c.name],), tokens = _gradient_scores(model, adapter, batches, [c], attn, logits_chunk,
+                                                             progress, mask_plan=plan)
+        out.update({c.name: scores[c.name] for c in crits if c.name in scores})
     finally:
         for p, flag in zip(model.parameters(), saved_flags):
             p.requires_grad_(flag)
@@ -365,21 +454,23 @@ def _preprunes(keep: dict | None, adapter) -> bool:
         adapter.mlp(i).down.in_features for i in range(adapter.num_layers))
 
 
-def _preprune_plan(keep: dict | None, ce_scores: dict | None, config, adapter) -> dict | None:
-    """The CE pre-prune of `taylor_kd` (SDMPrune): a uniform mask plan, or None where nothing is removed."""
+def _preprune_plan(crit: Criterion, ce_scores: dict | None, config, adapter) -> dict | None:
+    """The CE pre-prune of a KD criterion (SDMPrune): a uniform mask plan, or None where nothing is removed."""
     from hfprune.plan import _topk_sorted, make_plan
 
+    keep = crit.options["preprune_keep"]
     if not _preprunes(keep, adapter):
         return None
+    field = f"criterion_options.{crit.name}.preprune_keep"
     if "ratio" in keep:
         try:
             return make_plan(ce_scores, config, float(keep["ratio"]), adapter.family)
         except ConfigError as exc:
-            raise ConfigError(f"criterion_options.taylor_kd.preprune_keep.ratio: {exc}") from None
+            raise ConfigError(f"{field}.ratio: {exc}") from None
     # as SDMPrune: k = int(multiple * hidden) neurons kept in every layer (top CE scores)
     k = int(float(keep["hidden_multiple"]) * adapter.mlp(0).down.out_features)
     if k < 1:
-        raise ConfigError(f"criterion_options.taylor_kd.preprune_keep.hidden_multiple: keeps {k} neurons")
+        raise ConfigError(f"{field}.hidden_multiple: keeps {k} neurons")
     return {"layers": [{"mlp_keep": _topk_sorted(ce_scores[f"mlp.{i}"], k), "kv_keep": None}
                        for i in range(adapter.num_layers)]}
 

@@ -177,3 +177,6 @@ def test_paper_config_uses_the_released_settings():
     assert criterion_options(cfg, "taylor_kd", 0.3) == {"alpha": 0.42, "temperature": 0.5,
                                                         "preprune_keep": {"hidden_multiple": 3.9}}
     assert criterion_options(cfg, "taylor_kd", 0.4)["alpha"] == 0.1
+    # SDMPrune the method runs with the released per-ratio settings of its loss
+    assert all(criterion_options(cfg, "sdmprune", r) == criterion_options(cfg, "taylor_kd", r) for r in cfg["ratios"])
+    assert {"sdmprune", "llm_pruner"} <= set(cfg["criteria"])

@@ -188,7 +188,20 @@ def test_main_table_has_every_cell_with_accuracy_ppl_fidelity_and_params(experim
     assert set(paper["ratio"]) == {0.0, 0.2, 0.3} and "truthfulqa_mc2" in table.columns
     text = md.read_text()
     assert "random/r0.2/s0 +LoRA" in text and "random/r0.3/s1 +LoRA" in text  # configured, not evaluated
-    assert "taylor_ce" not in set(table["method"])  # the stale cell is not in this config
+    assert not table["method"].str.startswith("taylor_ce").any()  # the stale cell is not in this config
+
+
+def test_rows_tell_the_activation_criteria_from_the_methods():
+    """Every registered criterion's rows start with its name; the paper's Taylor criteria (on activations) and
+    the weight-level methods of its Table 1 read apart."""
+    from hfprune.criteria import CRITERIA
+
+    label = {c: report._method({"criterion": c, "recovered": False}) for c in CRITERIA}
+    assert label["taylor_kd"] == "taylor_kd — SD criterion (Taylor, act.)"
+    assert label["taylor_ce"].endswith("CE criterion (Taylor, act.)") and label["taylor_entropy"].endswith("IE (HFPrune)")
+    assert label["sdmprune"].endswith("SDMPrune (method)") and label["llm_pruner"].endswith("LLM-Pruner (method)")
+    assert all(label[c].split()[0] == c for c in CRITERIA) and len(set(label.values())) == len(label)
+    assert report._method({"criterion": "sdmprune", "recovered": True}) == "sdmprune — SDMPrune (method) +LoRA"
 
 
 def test_verdicts_come_first_and_equal_an_independent_paired_computation(experiment, tmp_path):
@@ -245,11 +258,12 @@ def test_ablation_fidelity_efficiency_and_scoring_tables(experiment, tmp_path):
     assert ablation.loc[1, "random"] == pytest.approx(100 * sum(m["average"] for m in runs) / len(runs))
     assert ablation.loc[0, "magnitude_mark"] == "(baseline)" and ablation.loc[0, "random_mark"] in ("≈", "**better**",
                                                                                                  "**worse**")
-    assert ablation.loc[0, "taylor_entropy (IE, paper)"] == 53.1 and ablation.loc[1, "taylor_ce (CE, paper)"] == 46.8
+    assert (ablation.loc[0, "taylor_entropy — IE (HFPrune) (paper)"] == 53.1
+            and ablation.loc[1, "taylor_ce — CE criterion (Taylor, act.) (paper)"] == 46.8)
     fid = pd.read_csv(tables / "tiny.fidelity.csv")
     assert fid.loc[0, "magnitude JS"] == pytest.approx(
         _read(exp / "metrics/tiny/magnitude/s0/r0.2.json")["fidelity"]["js_distance"])
-    assert fid.loc[1, "taylor_entropy (IE, paper, top-15) Jaccard"] == 0.595
+    assert fid.loc[1, "taylor_entropy — IE (HFPrune) (paper, top-15) Jaccard"] == 0.595
     eff = pd.read_csv(tables / "tiny.efficiency.csv")
     ours = eff[eff["source"] == "ours"]
     assert len(ours) == 5 and (ours[ours["ratio"] > 0]["params_ratio"] < 1).all()

@@ -173,7 +173,8 @@ def test_kd_at_the_dense_point_has_a_kl_signal():
 
 def test_kd_preprune_keeps_a_multiple_of_hidden():
     """SDMPrune: int(M x hidden) neurons per layer kept by CE before the KD pass (tiny: int(1.3 x 64) = 83 of 96);
-    with the default 3.9 x hidden the whole layer is kept, i.e. nothing is pre-pruned."""
+    with the default 3.9 x hidden the whole layer is kept, i.e. nothing is pre-pruned. Gradient checkpointing gives
+    the same scores."""
     model = tiny_model("llama")
     seqs = _seqs()
     kd = get_criterion("taylor_kd", {"preprune_keep": {"hidden_multiple": 1.3}})
@@ -183,6 +184,9 @@ def test_kd_preprune_keeps_a_multiple_of_hidden():
                        for i in range(2)]}
     assert all(int((got["taylor_kd"][f"mlp.{i}"] == 0).sum()) == 13 for i in range(2))
     _assert_scores_close(got["taylor_kd"], reference_scores(model, seqs, kd, plan, attn=False))
+    # gradient checkpointing recomputes the student's forward in the backward: the mask must still be on
+    ckpt = score_model(model, [_padded(seqs)], [kd], gradient_checkpointing=True)["taylor_kd"]
+    _assert_scores_close(ckpt, got["taylor_kd"])
     dense = score_model(model, [_padded(seqs)], [get_criterion("taylor_kd")])["taylor_kd"]
     _assert_scores_close(dense, reference_scores(model, seqs, get_criterion("taylor_kd"), attn=False))
 

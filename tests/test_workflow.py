@@ -103,7 +103,7 @@ def test_paper_grid_dag(tmp_path, recovery):
     path = tmp_path / "paper.yaml"
     path.write_text(yaml.safe_dump(cfg))
     rules, parents = _dag(tmp_path, path)
-    assert (len(cfg["models"]), len(cfg["criteria"]), len(cfg["ratios"])) == (7, 3, 3)
+    assert (len(cfg["models"]), len(cfg["criteria"]), len(cfg["ratios"])) == (7, 5, 3)
     _check_shape(rules, parents, cfg, recovery=recovery, assets=0)  # hub models: no assets job
 
 

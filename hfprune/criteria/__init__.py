@@ -6,10 +6,18 @@ The names equal the `criteria` enum of hfprune/schemas/config.schema.yaml (a tes
 from __future__ import annotations
 
 from hfprune.criteria.activation import ActivationNormCriterion
-from hfprune.criteria.base import ActivationCriterion, Criterion, GradientCriterion, WeightCriterion
+from hfprune.criteria.base import (
+    ActivationCriterion,
+    Criterion,
+    GradientCriterion,
+    ParameterGradientCriterion,
+    WeightCriterion,
+)
 from hfprune.criteria.fisher import FisherCriterion
+from hfprune.criteria.llm_pruner import LLMPrunerCriterion
 from hfprune.criteria.magnitude import MagnitudeCriterion
 from hfprune.criteria.random import RandomCriterion
+from hfprune.criteria.sdmprune import SDMPruneCriterion
 from hfprune.criteria.taylor_ce import TaylorCECriterion
 from hfprune.criteria.taylor_entropy import TaylorEntropyCriterion
 from hfprune.criteria.taylor_entropy_topk import TaylorEntropyTopKCriterion
@@ -18,9 +26,10 @@ from hfprune.errors import ConfigError
 
 CRITERIA: dict[str, type[Criterion]] = {cls.name: cls for cls in (
     RandomCriterion, MagnitudeCriterion, ActivationNormCriterion, TaylorCECriterion, TaylorEntropyCriterion,
-    TaylorEntropyTopKCriterion, TaylorKDCriterion, FisherCriterion)}
+    TaylorEntropyTopKCriterion, TaylorKDCriterion, FisherCriterion, SDMPruneCriterion, LLMPrunerCriterion)}
 
-__all__ = ["CRITERIA", "ActivationCriterion", "Criterion", "GradientCriterion", "WeightCriterion", "get_criterion"]
+__all__ = ["CRITERIA", "ActivationCriterion", "Criterion", "GradientCriterion", "ParameterGradientCriterion",
+           "WeightCriterion", "get_criterion"]
 
 
 def get_criterion(name: str, options: dict | None = None) -> Criterion:

@@ -1,12 +1,14 @@
 """The criterion interface: how one neuron's importance is computed.
 
-Three kinds, by what the scorer must run for them:
+Four kinds, by what the scorer must run for them:
 - `WeightCriterion` (no data): `weight_scores(adapter, seed, attn)` reads the weights;
 - `ActivationCriterion` (a no-grad forward): `activation_scores(adapter, mean_abs, attn)` turns the mean |input|
   of every down_proj (and o_proj) over the calibration tokens into scores;
 - `GradientCriterion`: a scalar output loss C per position (from fp32 logits of a chunk of positions); the
   scorer averages it over the valid positions of a batch, back-propagates to the down_proj inputs h and sums
-  `token_scores(h * dC/dh)` over valid tokens.
+  `token_scores(h * dC/dh)` over valid tokens;
+- `ParameterGradientCriterion` (weight-level methods: SDMPrune, LLM-Pruner): the same loss C, back-propagated to
+  the MLP weights; `neuron_scores` turns each layer's weights and their gradients into scores (MLP scope only).
 All scores are fp32 tensors keyed "mlp.<layer>" (one per neuron) and "attn_kv.<layer>" (one per KV group).
 """
 
@@ -29,6 +31,8 @@ class Criterion:
     seeded: bool = True
     # option name -> default (the schema fills the same defaults; these cover direct API use)
     defaults: ClassVar[dict] = {}
+    # the pruning scopes (`pruning.scope`) the criterion can score
+    scopes: ClassVar[tuple[str, ...]] = ("mlp", "mlp+attn")
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.defaults))
@@ -39,6 +43,12 @@ class Criterion:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
+
+    @classmethod
+    def check_scope(cls, scope: str) -> None:
+        if scope not in cls.scopes:
+            raise ConfigError(f"criterion {cls.name!r} scores only pruning.scope {' or '.join(cls.scopes)}, "
+                              f"not {scope!r}")
 
 
 def group_sum(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -92,6 +102,23 @@ class GradientCriterion(Criterion):
     def token_scores(self, contribution: torch.Tensor) -> torch.Tensor:
         """Per-token importance from the first-order contribution h * dC/dh (fp32); summed over tokens."""
         return contribution.abs()
+
+
+class ParameterGradientCriterion(GradientCriterion):
+    """C (`position_loss`, averaged over counted positions) back-propagated to the MLP weights themselves.
+
+    `per_sequence`: True -> one backward per calibration sequence and the per-sequence scores summed (the
+    absolute value is taken per sequence); False -> the gradient of C averaged over every counted token of the
+    calibration set (accumulated in fp32 over batches), scored once.
+    """
+
+    scopes: ClassVar[tuple[str, ...]] = ("mlp",)
+    per_sequence: bool = True
+
+    def neuron_scores(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One layer's scores [intermediate] from fp32 (W, dC/dW) pairs, each [intermediate, hidden] with row i
+        belonging to neuron i: the gate rows, the up rows and the down columns (transposed), in that order."""
+        raise NotImplementedError
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 
 from hfprune.criteria.base import GradientCriterion, cross_entropy
+from hfprune.criteria.taylor_ce import TaylorCECriterion
 from hfprune.errors import ConfigError
 
 
@@ -31,8 +32,12 @@ class TaylorKDCriterion(GradientCriterion):
         keep = self.options["preprune_keep"]
         if keep is not None and (not isinstance(keep, dict) or len(keep) != 1
                                  or next(iter(keep)) not in ("hidden_multiple", "ratio")):
-            raise ConfigError(f"criterion_options.taylor_kd.preprune_keep: {keep!r} must be null, "
+            raise ConfigError(f"criterion_options.{self.name}.preprune_keep: {keep!r} must be null, "
                               "{hidden_multiple: M} or {ratio: R}")
+
+    def preprune_criterion(self) -> GradientCriterion:
+        """The CE criterion whose scores choose the pre-prune (shared with a requested one of the same name)."""
+        return TaylorCECriterion()
 
     def position_loss(self, logits, labels, teacher_logits=None):
         a, t = float(self.options["alpha"]), float(self.options["temperature"])
