@@ -134,9 +134,9 @@ def test_evaluation_tokens_follow_the_suite_limit_and_backend():
     assert whole[0][1] / tasks[0][1] == pytest.approx(estimates.TASKS["boolq"][1] / 5, rel=0.01)
 
 
-def _cli(*args):
+def _cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "hfprune.cli", "estimate", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300, check=False)
+                          cwd=ROOT, timeout=300, check=False, env=env)
 
 
 def test_cli_prints_the_table_for_the_embedded_model(tmp_path):
@@ -163,3 +163,24 @@ def test_cli_unknown_model_is_one_line():
     out = _cli("--config", str(ROOT / "config" / "smoke.yaml"), "--model", "nope")
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().count("\n") == 0 and "'nope' is not in the config's models" in out.stderr
+
+
+def test_cli_hub_model_not_cached_needs_arch_json(tmp_path):
+    import os
+
+    cfg = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    cfg["models"] = [{"name": "m", "source": "hfprune-tests/not-a-model"}]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = _cli("--config", str(path), env=env)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "--arch-json" in out.stderr
+    arch = LlamaConfig(**{k: v for k, v in estimates.TABLE5["arch"].items() if k != "model_type"})
+    arch.to_json_file(tmp_path / "config.json")
+    out = _cli("--config", str(path), "--model", "m", "--arch-json", str(tmp_path / "config.json"), "--markdown",
+               env=env)
+    assert out.returncode == 0, out.stderr
+    # the Table 5 model with the paper config: its entropy score job is the calibration run
+    row = [cell.strip() for cell in next(line for line in out.stdout.splitlines() if "| taylor_entropy" in line)
+           .split("|")]
+    assert row[4:6] == ["1", "6.74"] and row[9] == "8.48 min"  # jobs, params (B), h/job
