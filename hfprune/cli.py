@@ -20,6 +20,7 @@ COMMANDS = {
     "evaluate": "evaluate",
     "report": "report",
     "compare": "compare",
+    "estimate": "estimate",
 }
 
 

@@ -87,6 +87,14 @@ def check_sequence_lengths(cfg: dict, name: str, arch, stages=STAGES, criteria=N
                               f"model {name!r} (max_position_embeddings in its config.json); lower it")
 
 
+def layer_activation_bytes(arch, batch: int, seq: int, b: int) -> int:
+    """What one decoder layer keeps for an input-gradient backward (see above): batch x seq x (4I + 8h) x b, plus
+    fp32 attention probabilities batch x H x seq^2 (an upper bound on fused kernels)."""
+    n = batch * seq
+    return (n * (4 * arch.intermediate_size + 8 * arch.hidden_size) * b
+            + batch * arch.num_attention_heads * seq * seq * 4)
+
+
 def scoring_memory(arch, cfg: dict, criteria=None) -> dict[str, int]:
     """Estimated peak bytes of scoring `arch` with the config's criteria (or `criteria`), by part (see above)."""
     from hfprune.adapters import adapter_class
@@ -100,7 +108,7 @@ def scoring_memory(arch, cfg: dict, criteria=None) -> dict[str, int]:
     seq = cal["seq_len"]
     batch = min(cal["batch_size"], cal["num_sequences"])
     n = batch * seq
-    layer = n * (4 * inter + 8 * h) * b + batch * arch.num_attention_heads * seq * seq * 4
+    layer = layer_activation_bytes(arch, batch, seq, b)
     parts = {"weights": adapter_class(arch).count_params(arch) * b, "activations": 0, "logits": 0}
     if any(c.requires_gradient for c in crits):
         kept = layers * n * (h + inter) * b + layer if scoring["gradient_checkpointing"] else layers * layer
@@ -185,8 +193,9 @@ def check_model_limits(cfg: dict, name: str, arch, stages=STAGES, criteria=None,
         check_scoring_memory(cfg, name, arch, criteria, source)
 
 
-def check_job(cfg: dict, model_name: str, stage: str, criteria=None, source: str = "config") -> None:
-    """`check_model_limits` for one job, before it loads any weight (a hub model's config.json is fetched)."""
+def job_architecture(cfg: dict, model_name: str):
+    """The config.json facts of a config's model, without weights: embedded, local or cached; else a hub model's
+    config.json is fetched (transformers.AutoConfig; an error if no hub is reachable)."""
     from hfprune.config import model_entry
     from hfprune.models import ModelSpec, architecture
 
@@ -196,4 +205,9 @@ def check_job(cfg: dict, model_name: str, stage: str, criteria=None, source: str
         from transformers import AutoConfig
 
         arch = AutoConfig.from_pretrained(spec.source)
-    check_model_limits(cfg, model_name, arch, (stage,), criteria, source)
+    return arch
+
+
+def check_job(cfg: dict, model_name: str, stage: str, criteria=None, source: str = "config") -> None:
+    """`check_model_limits` for one job, before it loads any weight (a hub model's config.json is fetched)."""
+    check_model_limits(cfg, model_name, job_architecture(cfg, model_name), (stage,), criteria, source)

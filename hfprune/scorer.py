@@ -444,14 +444,18 @@ def _score(model, batches, criteria, *, scope, seed, logits_chunk, gradient_chec
     return out, tokens
 
 
-def _preprunes(keep: dict | None, adapter) -> bool:
-    """Whether a `preprune_keep` setting removes any neuron of this model."""
+def preprune_removes(keep: dict | None, hidden: int, intermediate: int) -> bool:
+    """Whether a `preprune_keep` setting removes any neuron of a model (hidden size, largest MLP layer)."""
     if keep is None:
         return False
     if "ratio" in keep:
         return True
-    return int(float(keep["hidden_multiple"]) * adapter.mlp(0).down.out_features) < max(
-        adapter.mlp(i).down.in_features for i in range(adapter.num_layers))
+    return int(float(keep["hidden_multiple"]) * hidden) < intermediate
+
+
+def _preprunes(keep: dict | None, adapter) -> bool:
+    return preprune_removes(keep, adapter.mlp(0).down.out_features,
+                            max(adapter.mlp(i).down.in_features for i in range(adapter.num_layers)))
 
 
 def _preprune_plan(crit: Criterion, ce_scores: dict | None, config, adapter) -> dict | None:
