@@ -16,6 +16,7 @@ from hfprune.cli import main as cli_main
 from hfprune.config import validate_config
 from hfprune.data import load_texts
 from hfprune.errors import ConfigError, HFPruneError
+from hfprune.evaluation.cell import run_evaluation
 from hfprune.models import ModelSpec, load_tokenizer
 from hfprune.recovery import (
     ADAPTER_DIR,
@@ -173,10 +174,12 @@ def test_bad_target_modules_name_the_missing_and_list_the_linears():
     assert "down_proj" in msg and "lm_head" in msg
 
 
-def test_non_positive_steps_are_rejected():
+def test_bad_steps_and_recipe_are_rejected():
     for bad in ({"max_steps": 0}, {"max_steps": -3}, {"epochs": 0}):
         with pytest.raises(ConfigError, match="recovery"):
             make_cfg(**bad)
+    with pytest.raises(ConfigError, match="'recovery.recipe': 'packed' is not one of"):
+        make_cfg(recipe="packed")
     with pytest.raises(ConfigError, match="max_steps or recovery.epochs"):
         check_settings({"max_steps": None, "epochs": None})
     with pytest.raises(ConfigError, match="positive"):
@@ -415,3 +418,37 @@ def test_saved_adapter_is_unmerged_and_reloads_to_the_trained_model(tmp_path):
     assert any("lora_A" in name for name, _ in reloaded.named_modules())  # unmerged: the adapter layers are back
     with torch.no_grad():
         assert (reloaded(input_ids=ids).logits - trained).abs().max() < 1e-5
+
+
+def test_released_recipe_end_to_end_is_evaluated_unmerged(local_model, tmp_path):
+    """recover (bf16 config on CPU: fp32 base under autocast) -> the folder holds the untouched pruned base and
+    the adapter -> evaluation attaches it: other numbers than the pruned cell's, the same size and speed model."""
+    cfg = validate_config({
+        "models": [{"name": "m", "family": "llama", "source": str(local_model)}], "criteria": ["random"],
+        "ratios": [0.2], "device": "cpu", "dtype": "bfloat16", "resources_dir": REPO_RESOURCES,
+        "recovery": {"recipe": "released", "max_steps": 2, "batch_size": 2, "seq_len": 32, "num_samples": 8,
+                     "learning_rate": 1e-2},
+        "evaluation": {"suite": "none", "perplexity": {"sources": ["wiki"], "seq_len": 32, "max_tokens": 128},
+                       "fidelity": {"num_prompts": 2, "seq_len": 16},
+                       "efficiency": {"prefill_tokens": 8, "decode_batch": 1, "decode_tokens": 2, "repeats": 1}}})
+    plan = random_plan(96, KEEPS)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    out = tmp_path / "recovered"
+    summary = run_recovery(cfg, "m", tmp_path / "plan.json", out)
+    assert json.loads((out / "recovery.json").read_text()) == json.loads(json.dumps(summary))
+    settings = summary["settings"]
+    assert (settings["recipe"], settings["dtype"], settings["autocast"], settings["adapter"]) == (
+        "released", "float32", "bfloat16", "unmerged")
+    assert settings["rows"] == 8 and settings["rows_per_step"] == 2  # 32-token windows fill a row each
+    assert (out / ADAPTER_DIR / "adapter_config.json").is_file()
+    saved = load_pruned(out).state_dict()
+    reference = prune_model(load_pruned(local_model), plan).to(torch.bfloat16).state_dict()
+    assert saved.keys() == reference.keys() and all(torch.equal(saved[k], v) for k, v in reference.items())
+
+    pruned = run_evaluation(cfg, "m", plan_path=tmp_path / "plan.json")
+    recovered = run_evaluation(cfg, "m", plan_path=tmp_path / "plan.json", recovered_dir=out)
+    assert recovered["meta"]["recovered_adapter"] == "unmerged" and recovered["cell"]["recovered"]
+    assert pruned["meta"]["recovered_adapter"] is None
+    assert recovered["efficiency"]["params"] == pruned["efficiency"]["params"]
+    assert recovered["perplexity"]["wiki"]["ppl"] != pruned["perplexity"]["wiki"]["ppl"]
+    assert recovered["fidelity"]["kl"] != pruned["fidelity"]["kl"]
