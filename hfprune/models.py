@@ -120,6 +120,13 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A [B, T, T] boolean (query, key) mask -> the [B, 1, T, T] additive mask HF decoders take as-is (0 where
+    allowed, the dtype's minimum elsewhere): additive, not boolean, because eager attention adds it to the scores."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
 def load_tokenizer(spec: ModelSpec, resources_dir="resources"):
     from transformers import AutoTokenizer
 

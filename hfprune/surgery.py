@@ -156,13 +156,19 @@ def prune_model(model, plan: dict):
     return model
 
 
+def write_pruned(model, tokenizer, folder: str | os.PathLike) -> None:
+    """Write a (pruned) model + tokenizer into `folder` as an HF checkpoint; not atomic (see `save_pruned`), and
+    other files in the folder stay."""
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
 def save_pruned(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """Save a (pruned) model + tokenizer as an HF folder, atomically."""
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_pruned(model, tokenizer, tmp)
     return out_dir
 
 

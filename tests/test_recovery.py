@@ -1,4 +1,6 @@
-"""LoRA recovery: real optimisation on tiny pruned models, exact merge, pruned shapes kept, bad input."""
+"""LoRA recovery: real optimisation on tiny pruned models, exact merge, pruned shapes kept, bad input; the released
+recipe: packed rows with per-example attention, response-only loss, truncation, rows per step, fp32 base under
+bf16 autocast, the adapter saved unmerged and evaluated so."""
 
 from __future__ import annotations
 
@@ -14,18 +16,26 @@ from hfprune.cli import main as cli_main
 from hfprune.config import validate_config
 from hfprune.data import load_texts
 from hfprune.errors import ConfigError, HFPruneError
+from hfprune.evaluation.cell import run_evaluation
 from hfprune.models import ModelSpec, load_tokenizer
 from hfprune.recovery import (
+    ADAPTER_DIR,
     ALPACA_PROMPT,
     IGNORE,
     alpaca_examples,
     apply_lora,
     check_settings,
     collate,
+    load_recovered,
     merge_lora,
+    num_steps,
+    pack,
     run_recovery,
-    token_loss_sum,
+    save_recovered,
+    token_losses,
     train_lora,
+    training_precision,
+    training_rows,
 )
 from hfprune.surgery import load_pruned, prune_model
 
@@ -63,10 +73,15 @@ def recurrence_examples(n: int = 16, length: int = 32, seed: int = 0):
     return out
 
 
+def singles(examples):
+    """The compact recipe's rows: one example each."""
+    return [[ex] for ex in examples]
+
+
 def mean_loss(model, examples) -> float:
     with torch.no_grad():
-        batch = collate(examples, 0)
-        return (token_loss_sum(model, batch) / (batch["labels"][:, 1:] != IGNORE).sum()).item()
+        batch = collate(singles(examples), 0)
+        return (token_losses(model, batch).sum() / (batch["labels"][:, 1:] != IGNORE).sum()).item()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +91,7 @@ def trained():
     model = pruned_tiny()
     base_loss = mean_loss(model, examples)
     rcfg = make_cfg(learning_rate=2e-2, batch_size=8, grad_accum=1, warmup_steps=2, max_steps=12)["recovery"]
-    peft_model, history = train_lora(model, examples, rcfg, steps=12, seed=0, pad_id=0)
+    peft_model, history = train_lora(model, singles(examples), rcfg, steps=12, seed=0, pad_id=0)
     return {"peft": peft_model, "history": history, "examples": examples, "base_loss": base_loss}
 
 
@@ -97,17 +112,17 @@ def test_first_step_loss_is_the_models_token_mean_loss():
     examples[4] = (examples[4][0], [IGNORE] * 5 + examples[4][1][5:])  # a prompt-masked example
     model = pruned_tiny()
     with torch.no_grad():
-        batch = collate(examples, 0)
-        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        batch = collate(singles(examples), 0)
+        expected = model(input_ids=batch["input_ids"], attention_mask=(batch["segments"] >= 0).long(),
                          labels=batch["labels"]).loss.item()
     rcfg = make_cfg(batch_size=3, grad_accum=2, max_steps=1)["recovery"]
-    _, history = train_lora(model, examples, rcfg, steps=1, seed=3, pad_id=0)
+    _, history = train_lora(model, singles(examples), rcfg, steps=1, seed=3, pad_id=0)
     assert history["loss_curve"][0] == pytest.approx(expected, rel=1e-5)
 
 
 def test_merged_logits_equal_adapter_logits_and_shapes_stay_pruned(trained, tmp_path):
     peft_model = trained["peft"]
-    ids = collate(trained["examples"][:4], 0)["input_ids"]
+    ids = collate(singles(trained["examples"][:4]), 0)["input_ids"]
     with torch.no_grad():
         adapted = peft_model(input_ids=ids).logits
         with peft_model.disable_adapter():
@@ -159,10 +174,12 @@ def test_bad_target_modules_name_the_missing_and_list_the_linears():
     assert "down_proj" in msg and "lm_head" in msg
 
 
-def test_non_positive_steps_are_rejected():
+def test_bad_steps_and_recipe_are_rejected():
     for bad in ({"max_steps": 0}, {"max_steps": -3}, {"epochs": 0}):
         with pytest.raises(ConfigError, match="recovery"):
             make_cfg(**bad)
+    with pytest.raises(ConfigError, match="'recovery.recipe': 'packed' is not one of"):
+        make_cfg(recipe="packed")
     with pytest.raises(ConfigError, match="max_steps or recovery.epochs"):
         check_settings({"max_steps": None, "epochs": None})
     with pytest.raises(ConfigError, match="positive"):
@@ -233,3 +250,205 @@ def test_bad_plan_fails_before_training_and_writes_nothing(local_model, tmp_path
     with pytest.raises(ConfigError, match="target_modules: wq not found"):
         run_recovery(bad_targets, "m", plan, out)
     assert list(tmp_path.iterdir()) == [plan]
+
+
+# --- the released recipe -----------------------------------------------------------------------------------------
+def random_examples(lengths, prompt: int = 2, seed: int = 0):
+    """Random token examples of the given lengths, the first `prompt` tokens masked as a prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, 211, (n,), generator=gen).tolist()
+        out.append((ids, [IGNORE] * prompt + ids[prompt:]))
+    return out
+
+
+def released_cfg(**recovery) -> dict:
+    return make_cfg(recipe="released", **recovery)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_packed_rows_give_each_example_its_own_loss(family):
+    model = tiny_model(family)
+    examples = random_examples((5, 9, 3, 12, 7, 16, 4))
+    rows = pack(examples, 16)
+    assert [[len(ids) for ids, _ in row] for row in rows] == [[5, 9], [3, 12], [7], [16], [4]]
+    with torch.no_grad():
+        batch = collate(rows, 0)
+        packed = token_losses(model, batch)
+        worst, start = 0.0, {}
+        for r, row in enumerate(rows):
+            offset = 0
+            for ids, labels in row:
+                alone = token_losses(model, collate([[(ids, labels)]], 0))[0]
+                n = len(ids)
+                assert alone.sum() > 0
+                worst = max(worst, float((packed[r, offset:offset + n - 1] - alone[:n - 1]).abs().max()))
+                start[(r, len(ids))] = offset
+                offset += n
+        assert worst < 1e-5
+        # the same row under plain causal attention with running positions mixes the examples: the mask matters
+        logits = model(input_ids=batch["input_ids"][:1], attention_mask=(batch["segments"][:1] >= 0).long()).logits
+        second = slice(start[(0, 9)], start[(0, 9)] + 8)
+        labels = batch["labels"][0, 1:][second]
+        mixed = torch.nn.functional.cross_entropy(logits[0, :-1][second], labels, ignore_index=IGNORE,
+                                                  reduction="none")
+        assert (mixed - packed[0, second]).abs().max() > 1e-2
+
+
+def test_loss_and_gradient_only_on_response_tokens():
+    """Prompt tokens, each example's first token and padding take no loss and send no gradient to the logits."""
+    model = tiny_model("llama")
+    rows = pack(random_examples((6, 5, 8, 4), prompt=3), 12)  # [[6, 5], [8, 4]]: padding in the first row
+    batch = collate(rows, 0)
+    captured = {}
+
+    def keep(module, args, out):
+        out.retain_grad()
+        captured["logits"] = out
+
+    model.lm_head.register_forward_hook(keep)
+    losses = token_losses(model, batch)
+    losses.sum().backward()
+    grad = captured["logits"].grad[:, :-1].abs().sum(-1)  # position t predicts token t + 1
+    labelled = batch["labels"][:, 1:] != IGNORE
+    expected = torch.zeros_like(labelled)
+    for r, row in enumerate(rows):  # the response of every example: its tokens 3.. (labels shift by one)
+        offset = 0
+        for ids, _ in row:
+            expected[r, offset + 2:offset + len(ids) - 1] = True
+            offset += len(ids)
+    assert torch.equal(labelled, expected) and labelled.sum() == (6 + 5 + 8 + 4) - 4 * 3
+    assert (grad[labelled] > 0).all() and (grad[~labelled] == 0).all()
+    assert (losses[labelled] > 0).all() and (losses[~labelled] == 0).all()
+    assert (batch["segments"][0, 11:] == -1).all() and batch["input_ids"][0, 11:].eq(0).all()
+
+
+def test_released_truncates_long_examples_and_drops_none():
+    tok = load_tokenizer(ModelSpec("smollm2-135m", "llama", "smollm2-135m"), REPO_RESOURCES)
+    instructions = ["Name a primary colour.", "Name a primary colour. " * 20, "Say hi."]
+    responses = ["Red is one; blue is another, and yellow the third. " * 4, "Blue.", "Hi."]
+    n_prompt = len(tok(ALPACA_PROMPT.format(instruction=instructions[0]))["input_ids"])
+    seq_len = n_prompt + 8
+    kept, prompt_only = alpaca_examples(tok, instructions, responses, seq_len, keep_prompt_only=True)
+    assert prompt_only == 1 and [len(ids) for ids, _ in kept][:2] == [seq_len, seq_len]
+    (ids, labels), (_, long_labels) = kept[:2]
+    assert labels[:n_prompt] == [IGNORE] * n_prompt and labels[n_prompt:] == ids[n_prompt:]  # cut, not dropped
+    assert long_labels == [IGNORE] * seq_len  # its prompt fills seq_len: kept, truncated, no loss
+    dropped, prompt_only = alpaca_examples(tok, instructions, responses, seq_len)
+    assert prompt_only == 1 and dropped == [kept[0], kept[2]]  # compact drops it
+    rows = training_rows(kept, released_cfg(seq_len=seq_len)["recovery"], seed=0)
+    assert sorted(ex for row in rows for ex in row) == sorted(kept)  # every example once
+    assert all(sum(len(ids) for ids, _ in row) <= seq_len for row in rows)
+
+
+def test_rows_per_step_accounting():
+    """10 examples of 6 tokens pack 2 per 16-token row: 5 rows; 2 rows x 2 micro-batches per step and 2 epochs are
+    ceil(5 / 2) = 3 micro-batches per epoch, 6 in all, 3 optimizer steps; every row is seen once per epoch."""
+    examples = random_examples([6] * 10)
+    rcfg = released_cfg(seq_len=16, batch_size=2, grad_accum=2, epochs=2, max_steps=None)["recovery"]
+    rows = training_rows(examples, rcfg, seed=0)
+    assert [len(row) for row in rows] == [2] * 5
+    steps = num_steps(rcfg, len(rows))
+    assert steps == 3
+    model = tiny_model("llama")
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].clone()),
+                                    with_kwargs=True)
+    _, history = train_lora(model, rows, rcfg, steps=steps, seed=0, pad_id=0)
+    assert len(history["loss_curve"]) == 3 and [len(b) for b in seen] == [2, 2, 1, 2, 2, 1]
+    first_epoch, second_epoch = torch.cat(seen[:3]), torch.cat(seen[3:])
+    every_row = collate(rows, 0)["input_ids"]
+    for epoch in (first_epoch, second_epoch):
+        assert sorted(map(tuple, epoch.tolist())) == sorted(map(tuple, every_row.tolist()))
+    assert num_steps({**rcfg, "epochs": 1}, 5) == 2 and num_steps({**rcfg, "grad_accum": 1}, 5) == 6
+
+
+def test_released_precision_is_fp32_base_under_bf16_autocast():
+    cfg = released_cfg()
+    assert training_precision({**cfg, "dtype": "bfloat16"}, torch.device("cpu")) == ("float32", torch.bfloat16)
+    assert training_precision({**cfg, "dtype": "float32"}, torch.device("cpu")) == ("float32", None)
+    compact = make_cfg()
+    assert training_precision({**compact, "dtype": "bfloat16"}, torch.device("cuda")) == ("bfloat16", None)
+    assert training_precision({**compact, "dtype": "bfloat16"}, torch.device("cpu")) == ("float32", None)
+
+    model = pruned_tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    def record(module, args, out):
+        seen.append((module.weight.dtype, out.dtype, torch.is_autocast_enabled("cpu")))
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(record)
+    rcfg = released_cfg(batch_size=2, max_steps=2)["recovery"]
+    rows = training_rows(random_examples((9, 5, 12, 7)), {**rcfg, "seq_len": 16}, seed=0)
+    peft_model, history = train_lora(model, rows, rcfg, steps=2, seed=0, pad_id=0, autocast_dtype=torch.bfloat16)
+    assert all(torch.isfinite(torch.tensor(history["loss_curve"])))
+    # base projections, LoRA A/B and lm_head alike: fp32 weights, bf16 matmuls, autocast on
+    assert len(seen) > 8 and set(seen) == {(torch.float32, torch.bfloat16, True)}
+    assert all(p.dtype == torch.float32 for p in peft_model.parameters())
+    after = peft_model.unload().state_dict()  # the base is trained through, never changed
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_saved_adapter_is_unmerged_and_reloads_to_the_trained_model(tmp_path):
+    model = pruned_tiny()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    rcfg = released_cfg(learning_rate=2e-2, batch_size=4, max_steps=6)["recovery"]
+    examples = recurrence_examples(n=8, length=12)
+    rows = training_rows(examples, {**rcfg, "seq_len": 32}, seed=0)
+    peft_model, _ = train_lora(model, rows, rcfg, steps=6, seed=0, pad_id=0)
+    ids = collate(singles(examples[:3]), 0)["input_ids"]
+    with torch.no_grad():
+        trained = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=ids).logits
+    assert (trained - base).abs().max() > 0.1
+
+    out = tmp_path / "recovered"
+    out.mkdir()
+    save_recovered(peft_model, None, out, "released", torch.float32)
+    assert (out / ADAPTER_DIR / "adapter_config.json").is_file()
+    assert (out / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    saved = load_pruned(out).state_dict()  # the folder's own weights: the pruned base, no adapter folded in
+    assert saved.keys() == base_state.keys() and all(torch.equal(saved[k], v) for k, v in base_state.items())
+    reloaded = load_recovered(out)
+    assert any("lora_A" in name for name, _ in reloaded.named_modules())  # unmerged: the adapter layers are back
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - trained).abs().max() < 1e-5
+
+
+def test_released_recipe_end_to_end_is_evaluated_unmerged(local_model, tmp_path):
+    """recover (bf16 config on CPU: fp32 base under autocast) -> the folder holds the untouched pruned base and
+    the adapter -> evaluation attaches it: other numbers than the pruned cell's, the same size and speed model."""
+    cfg = validate_config({
+        "models": [{"name": "m", "family": "llama", "source": str(local_model)}], "criteria": ["random"],
+        "ratios": [0.2], "device": "cpu", "dtype": "bfloat16", "resources_dir": REPO_RESOURCES,
+        "recovery": {"recipe": "released", "max_steps": 2, "batch_size": 2, "seq_len": 32, "num_samples": 8,
+                     "learning_rate": 1e-2},
+        "evaluation": {"suite": "none", "perplexity": {"sources": ["wiki"], "seq_len": 32, "max_tokens": 128},
+                       "fidelity": {"num_prompts": 2, "seq_len": 16},
+                       "efficiency": {"prefill_tokens": 8, "decode_batch": 1, "decode_tokens": 2, "repeats": 1}}})
+    plan = random_plan(96, KEEPS)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    out = tmp_path / "recovered"
+    summary = run_recovery(cfg, "m", tmp_path / "plan.json", out)
+    assert json.loads((out / "recovery.json").read_text()) == json.loads(json.dumps(summary))
+    settings = summary["settings"]
+    assert (settings["recipe"], settings["dtype"], settings["autocast"], settings["adapter"]) == (
+        "released", "float32", "bfloat16", "unmerged")
+    assert settings["rows"] == 8 and settings["rows_per_step"] == 2  # 32-token windows fill a row each
+    assert (out / ADAPTER_DIR / "adapter_config.json").is_file()
+    saved = load_pruned(out).state_dict()
+    reference = prune_model(load_pruned(local_model), plan).to(torch.bfloat16).state_dict()
+    assert saved.keys() == reference.keys() and all(torch.equal(saved[k], v) for k, v in reference.items())
+
+    pruned = run_evaluation(cfg, "m", plan_path=tmp_path / "plan.json")
+    recovered = run_evaluation(cfg, "m", plan_path=tmp_path / "plan.json", recovered_dir=out)
+    assert recovered["meta"]["recovered_adapter"] == "unmerged" and recovered["cell"]["recovered"]
+    assert pruned["meta"]["recovered_adapter"] is None
+    assert recovered["efficiency"]["params"] == pruned["efficiency"]["params"]
+    assert recovered["perplexity"]["wiki"]["ppl"] != pruned["perplexity"]["wiki"]["ppl"]
+    assert recovered["fidelity"]["kl"] != pruned["fidelity"]["kl"]

@@ -1,12 +1,14 @@
 """LoRA recovery fine-tuning of a pruned model: prune the config's model by a plan, train LoRA adapters with the
-config's `recovery` settings, merge them into the pruned weights and write OUT/ (an ordinary HF checkpoint with
-pruned shapes, loadable with hfprune.surgery.load_pruned) + OUT/recovery.json (loss per step, settings, data).
+config's `recovery` settings and write OUT/ (an HF checkpoint with pruned shapes, loadable with
+hfprune.surgery.load_pruned) + OUT/recovery.json (loss per step, settings, data). `recovery.recipe: compact`
+merges the adapters into the checkpoint; `released` (the released HFPrune scripts' recipe) saves the checkpoint
+untouched and the adapter unmerged in OUT/adapter/ (hfprune.recovery.load_recovered loads both).
 The offline default data (`recovery.data: calibration`) is a smoke recovery; `lamini` is the paper's."""
 
 from hfprune.commands import add_config_argument, add_model_argument
 from hfprune.config import load_config
 
-HELP = "LoRA recovery fine-tuning of a pruned model; saves the merged checkpoint + recovery.json"
+HELP = "LoRA recovery fine-tuning of a pruned model; saves the checkpoint (merged, or + unmerged adapter) + recovery.json"
 
 
 def add_arguments(parser):

@@ -39,6 +39,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from hfprune.errors import HFPruneError
+from hfprune.models import additive_mask
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +129,9 @@ class SharedContextLM(HFLM):
         dtype = next(decoder.parameters()).dtype
         if self.mixed_precision_dtype is not None:
             dtype = self.mixed_precision_dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
-            out = decoder(input_ids=input_ids, attention_mask=mask.unsqueeze(1), position_ids=position_ids,
+            out = decoder(input_ids=input_ids, attention_mask=additive_mask(allowed, dtype), position_ids=position_ids,
                           use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 

@@ -2,8 +2,10 @@
 
 Everything cheap is checked before any model is loaded: suite and task names (and metric overrides), text
 sources, the plan against the base model's config, the recovered folder against the plan. Then:
-load dense -> build the evaluated model (a pruned copy, or the recovered folder) -> fidelity and efficiency
-against the dense model (both in memory, timed alternately) -> free the dense model -> lm-eval -> perplexity.
+load dense -> build the evaluated model (a pruned copy, or the recovered folder) -> efficiency against the dense
+model (timed alternately) -> attach a recovered folder's unmerged LoRA adapter, if it has one -> fidelity
+against the dense model -> free the dense model -> lm-eval -> perplexity. Efficiency is measured before the
+adapter goes in: it is the pruned model's, which the merged model shares (the adapter adds no parameters then).
 """
 
 from __future__ import annotations
@@ -65,10 +67,12 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
     records beside it (hfprune.evaluation.records); returns the dict.
 
     plan_path None and recovered_dir None: the dense row. plan_path: base model pruned in memory by the plan.
-    recovered_dir (with plan_path, which names the cell): a merged model folder written by `save_pruned`.
+    recovered_dir (with plan_path, which names the cell): a folder written by `hfprune.recovery.run_recovery`
+    (merged, or the pruned base + an unmerged adapter).
     """
     from transformers import AutoConfig
 
+    from hfprune.recovery import attach_adapter, has_adapter
     from hfprune.surgery import load_pruned, prune_model, read_plan
     from hfprune.tasks import resolve_suite
 
@@ -106,6 +110,14 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
         model = dense
     seconds["load"] = time.perf_counter() - start
 
+    eff = None
+    if eff_cfg["enabled"]:
+        start = time.perf_counter()
+        eff = efficiency(dense, model if pruned else None, seed=cfg["seed"], **{k: v for k, v in eff_cfg.items()
+                                                                              if k != "enabled"})
+        seconds["efficiency"] = time.perf_counter() - start
+    if recovered_dir is not None:
+        model = attach_adapter(model, recovered_dir)
     fidelity, records = None, []
     if pruned and fid_cfg["enabled"]:
         start = time.perf_counter()
@@ -114,12 +126,6 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
         seconds["fidelity"] = time.perf_counter() - start
         records += fidelity_records(fidelity)
         del fidelity["per_prompt"], fidelity["prompt_doc"]
-    eff = None
-    if eff_cfg["enabled"]:
-        start = time.perf_counter()
-        eff = efficiency(dense, model if pruned else None, seed=cfg["seed"], **{k: v for k, v in eff_cfg.items()
-                                                                              if k != "enabled"})
-        seconds["efficiency"] = time.perf_counter() - start
     if model is not dense:
         del dense  # lm-eval and perplexity need the evaluated model only
 
@@ -153,6 +159,8 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
                  "plan": str(plan_path) if pruned else None,
                  "achieved_ratio": plan.get("achieved_ratio") if pruned else 0.0,
                  "recovered_dir": str(recovered_dir) if recovered_dir is not None else None,
+                 "recovered_adapter": None if recovered_dir is None else
+                 "unmerged" if has_adapter(recovered_dir) else "merged",
                  "seconds": seconds, "config": cfg, "versions": package_versions()},
     }
     if out_path is not None:
