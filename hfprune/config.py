@@ -71,13 +71,14 @@ def validate_config(config: dict, source: str = "config") -> dict:
     if baseline is not None and baseline not in cfg["criteria"]:
         raise ConfigError(f"{source}: invalid config field 'report.baseline': {baseline!r} is not one of the "
                           f"grid's criteria ({', '.join(cfg['criteria'])})")
-    from hfprune.criteria import CRITERIA
+    if cfg["pruning"]["scope"] != "mlp":  # every criterion scores MLP neurons (and the criteria import torch)
+        from hfprune.criteria import CRITERIA
 
-    for crit in cfg["criteria"]:
-        try:
-            CRITERIA[crit].check_scope(cfg["pruning"]["scope"])
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: invalid config field 'pruning.scope': {exc}") from None
+        for crit in cfg["criteria"]:
+            try:
+                CRITERIA[crit].check_scope(cfg["pruning"]["scope"])
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: invalid config field 'pruning.scope': {exc}") from None
     names = [m["name"] for m in cfg["models"]]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
