@@ -123,6 +123,8 @@ def resolve_dtype(name: str) -> torch.dtype:
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A [B, T, T] boolean (query, key) mask -> the [B, 1, T, T] additive mask HF decoders take as-is (0 where
     allowed, the dtype's minimum elsewhere): additive, not boolean, because eager attention adds it to the scores."""
+    import torch
+
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
