@@ -6,7 +6,7 @@ Seven tasks take their first rows from the offline rebuilds of the stock splits 
 docs). CrowS-Pairs, RACE, SIQA and TruthfulQA have no offline copy: their rows are made up here, in the exact
 schema the stock task code reads, to exercise prompts, targets and metrics (their accuracies mean nothing).
 
-    python scripts/make_task_fixtures.py        # rewrites tests/fixtures/hub/tasks (committed)
+    python scripts/make_task_fixtures.py        # rewrites the task files under tests/fixtures/hub (committed)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import datasets
 
 from hfprune.tasks.offline import SPLITS, build
 
-OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "hub" / "tasks"
+OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "hub"
 ROWS = 8
 # stock task -> hub dataset id and config of its data (lm-eval 0.4.13 task YAMLs)
 HUB = {
@@ -73,7 +73,7 @@ def main() -> None:
         path = fixture_path(task)
         path.parent.mkdir(parents=True, exist_ok=True)
         rows.to_parquet(str(path))
-        print(f"{path.relative_to(OUT.parents[3])}: {rows.num_rows} rows")
+        print(f"{path.relative_to(OUT.parents[2])}: {rows.num_rows} rows")
 
 
 if __name__ == "__main__":

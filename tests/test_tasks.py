@@ -215,7 +215,7 @@ def test_suite_runs_end_to_end_on_smollm2(smollm2):
             assert s["acc"] == float(max(range(len(lls)), key=lls.__getitem__) == gold)
 
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hub" / "tasks"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hub"
 
 
 def _local(path: str, split: str) -> dict:
