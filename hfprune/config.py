@@ -76,6 +76,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
         raise ConfigError(f"{source}: invalid config field 'models': duplicate model name(s) {', '.join(dupes)}")
     _fill_families(cfg)
     _normalise_by_ratio(cfg, source)
+    _check_text_sources(cfg, source)
     ev = cfg["evaluation"]
     if ev["suite"] != "none":  # a task typo fails here, not in the first evaluate job after hours of scoring
         from hfprune.tasks import resolve_suite
@@ -85,6 +86,33 @@ def validate_config(config: dict, source: str = "config") -> dict:
         except HFPruneError as exc:
             raise ConfigError(f"{source}: invalid config field 'evaluation.tasks': {exc}") from None
     return cfg
+
+
+def _check_text_sources(cfg: dict, source: str) -> None:
+    """Your own texts (mappings) are read here, so a missing file, a bad JSON line, a missing field or an empty
+    text fails before any job; built-in texts are packaged, hub ones are checked when their job loads them."""
+    from hfprune.data import check_source, hub_datasets_dir, text_source
+
+    hub_dir = hub_datasets_dir(cfg)
+    if hub_dir is not None and not Path(hub_dir).is_dir():
+        raise ConfigError(f"{source}: invalid config field 'hub_datasets_dir': {hub_dir!r} is not a folder")
+    ev = cfg["evaluation"]
+    fields = [("calibration.source", cfg["calibration"]["source"], "calibration")]
+    fields += [(f"evaluation.perplexity.sources[{i}]", v, "eval") for i, v in enumerate(ev["perplexity"]["sources"])]
+    fields.append(("evaluation.fidelity.source", ev["fidelity"]["source"], "eval"))
+    labels: dict[str, str] = {}
+    for field, value, role in fields:
+        try:
+            label = text_source(value, role, hub_dir).label
+            if not isinstance(value, str):
+                check_source(value, role, hub_dir)
+        except HFPruneError as exc:
+            raise ConfigError(f"{source}: invalid config field {field!r}: {exc}") from None
+        if field.startswith("evaluation.perplexity"):
+            if label in labels:
+                raise ConfigError(f"{source}: invalid config field {field!r}: label {label!r} is also "
+                                  f"{labels[label]}'s; give one of them a `name`")
+            labels[label] = field
 
 
 def _fill_families(cfg: dict) -> None:

@@ -9,8 +9,9 @@ Data (`recovery.data`):
 - ``calibration`` (offline default): a SMOKE recovery, not the paper's. Plain next-token training on
   non-overlapping windows of the ``recovery`` text source, i.e. calibration documents held out from the
   text the criteria score with (hfprune.data.RECOVERY_DOCS), so recovery never trains on scored text.
-- ``lamini`` (the paper's): MBZUAI/LaMini-instruction from the hub in an Alpaca-style prompt, with the loss
-  on the response tokens only.
+- ``lamini`` (the paper's): MBZUAI/LaMini-instruction (its `instruction` / `response` columns) from the hub, or
+  from its copy under ``hub_datasets_dir`` ($HFPRUNE_HUB_DATASETS), in an Alpaca-style prompt, with the loss on
+  the response tokens only.
 Both give examples as (input_ids, labels) lists; labels are -100 where no loss is taken.
 """
 
@@ -29,7 +30,7 @@ from torch import nn
 
 from hfprune.adapters import get_adapter
 from hfprune.config import model_entry
-from hfprune.data import contiguous_chunks, load_texts, texts_hash
+from hfprune.data import contiguous_chunks, hub_datasets_dir, hub_path, load_dataset, load_texts, texts_hash
 from hfprune.errors import ConfigError, HFPruneError
 from hfprune.models import ModelSpec, ensure_available, load_model
 from hfprune.runtime import (
@@ -126,26 +127,25 @@ def alpaca_examples(tokenizer, instructions, responses, seq_len: int) -> tuple[l
     return examples, len(prompt_ids) - len(examples)
 
 
-def lamini_examples(tokenizer, seq_len: int, num_samples: int | None, seed: int) -> tuple[list[Example], dict]:
-    """The paper's recovery data: a seeded subset (all rows if `num_samples` is null) of LaMini-instruction."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ[var] = "0"
-    import datasets
-
-    ds = datasets.load_dataset(LAMINI, split="train")
+def lamini_examples(tokenizer, seq_len: int, num_samples: int | None, seed: int,
+                    hub_dir: str | None = None) -> tuple[list[Example], dict]:
+    """The paper's recovery data: a seeded subset (all rows if `num_samples` is null) of LaMini-instruction, from
+    the hub or its copy under `hub_dir` (hfprune.data.hub_path)."""
+    path = hub_path(LAMINI, hub_dir)
+    ds = load_dataset(path, split="train")
     if num_samples is not None:
         ds = ds.shuffle(seed=seed).select(range(min(num_samples, len(ds))))
     examples, dropped = alpaca_examples(tokenizer, ds["instruction"], ds["response"], seq_len)
     if not examples:
         raise ConfigError(f"recovery.seq_len {seq_len} is shorter than every Alpaca prompt; raise it")
-    meta = {"source": LAMINI, "rows": len(ds), "examples": len(examples), "dropped_prompt_too_long": dropped,
+    meta = {"source": LAMINI, "path": path, "rows": len(ds), "examples": len(examples), "dropped_prompt_too_long": dropped,
             "label_tokens": sum(sum(t != IGNORE for t in lab) for _, lab in examples)}
     return examples, meta
 
 
-def recovery_examples(tokenizer, rcfg: dict, seed: int) -> tuple[list[Example], dict]:
+def recovery_examples(tokenizer, rcfg: dict, seed: int, hub_dir: str | None = None) -> tuple[list[Example], dict]:
     if rcfg["data"] == "lamini":
-        return lamini_examples(tokenizer, rcfg["seq_len"], rcfg["num_samples"], seed)
+        return lamini_examples(tokenizer, rcfg["seq_len"], rcfg["num_samples"], seed, hub_dir)
     return calibration_examples(tokenizer, rcfg["seq_len"], rcfg["num_samples"])
 
 
@@ -260,7 +260,7 @@ def run_recovery(cfg: dict, model_name: str, plan_path: str | os.PathLike, out_d
     spec = spec.resolved(model.config)
     prune_model(model, plan)
     check_target_modules(model, rcfg["lora"]["target_modules"])
-    examples, data_meta = recovery_examples(tokenizer, rcfg, seed)
+    examples, data_meta = recovery_examples(tokenizer, rcfg, seed, hub_datasets_dir(cfg))
     steps = num_steps(rcfg, len(examples))
     log.info("recovery of %s by %s: %d examples, %d steps on %s", model_name, plan_path, len(examples), steps,
              device)
