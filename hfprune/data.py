@@ -396,8 +396,8 @@ def sample_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int
     stream, doc_starts = stream_with_starts(tokenizer, texts)
     if body <= 0 or len(stream) < body:
         raise HFPruneError(
-            f"calibration text too short: {len(stream)} tokens available, {seq_len} per sequence requested "
-            "(lower calibration.seq_len or choose a larger text source)")
+            f"text too short: {len(stream)} tokens available, {seq_len} per sequence requested "
+            "(lower the seq_len or choose a larger text source)")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - body + 1, (num_sequences,), generator=gen).tolist()
     windows = torch.tensor([bos + stream[s:s + body] for s in starts], dtype=torch.long)

@@ -430,9 +430,14 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     tokens = torch.empty(0, dtype=torch.long)
     texts_sha256 = None
     if crit.requires_data:
-        texts = load_texts(text_source(cal["source"], "calibration", hub_datasets_dir(cfg)))
+        source = text_source(cal["source"], "calibration", hub_datasets_dir(cfg))
+        texts = load_texts(source)
         texts_sha256 = texts_hash(texts)
-        tokens = sample_windows(tok, texts, cal["num_sequences"], cal["seq_len"], cal["seed"], sampling=cal["sampling"])
+        try:
+            tokens = sample_windows(tok, texts, cal["num_sequences"], cal["seq_len"], cal["seed"],
+                                    sampling=cal["sampling"])
+        except HFPruneError as exc:
+            raise HFPruneError(f"calibration.source {source.label!r}: {exc}") from None
     token_hash = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
     scope = cfg["pruning"]["scope"]
     start = time.perf_counter()

@@ -20,6 +20,7 @@ import math
 import torch
 
 from hfprune.data import load_texts, sample_windows, text_source, texts_hash
+from hfprune.errors import HFPruneError
 from hfprune.evaluation.perplexity import input_device
 
 
@@ -66,7 +67,10 @@ def source_fidelity(reference, model, tokenizer, source, num_prompts: int, seq_l
     hfprune.data.TextSource)."""
     source = text_source(source)
     texts = load_texts(source)
-    windows, docs = sample_windows(tokenizer, texts, num_prompts, seq_len, seed, return_docs=True)
+    try:
+        windows, docs = sample_windows(tokenizer, texts, num_prompts, seq_len, seed, return_docs=True)
+    except HFPruneError as exc:
+        raise HFPruneError(f"evaluation.fidelity.source {source.label!r}: {exc}") from None
     out = fidelity(reference, model, windows, top_k)
     out.update(source=source.label, seed=seed, texts_sha256=texts_hash(texts), prompt_doc=docs)
     return out
