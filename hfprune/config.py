@@ -78,11 +78,14 @@ def validate_config(config: dict, source: str = "config") -> dict:
     _normalise_by_ratio(cfg, source)
     _check_text_sources(cfg, source)
     ev = cfg["evaluation"]
-    if ev["suite"] != "none":  # a task typo fails here, not in the first evaluate job after hours of scoring
+    if ev["include_path"] is not None and not Path(ev["include_path"]).is_dir():
+        raise ConfigError(f"{source}: invalid config field 'evaluation.include_path': {ev['include_path']!r} is not "
+                          "a folder")
+    if ev["suite"] != "none":  # a task or metric typo fails here, not in the first evaluate job after hours of scoring
         from hfprune.tasks import resolve_suite
 
         try:
-            resolve_suite(ev["suite"], ev["tasks"])
+            resolve_suite(ev["suite"], ev["tasks"], ev["include_path"])
         except HFPruneError as exc:
             raise ConfigError(f"{source}: invalid config field 'evaluation.tasks': {exc}") from None
     return cfg

@@ -70,7 +70,7 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
         raise HFPruneError("a recovered model needs its plan (--plan): the plan names the cell and is checked "
                            "against the folder")
     # ---- cheap checks, before any model is loaded
-    specs = [] if ev["suite"] == "none" else resolve_suite(ev["suite"], ev["tasks"])
+    specs = [] if ev["suite"] == "none" else resolve_suite(ev["suite"], ev["tasks"], ev["include_path"])
     pruned = plan_path is not None
     fid_cfg, eff_cfg, ppl_cfg = ev["fidelity"], ev["efficiency"], ev["perplexity"]
     hub_dir = hub_datasets_dir(cfg)
@@ -82,8 +82,8 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
     plan = read_plan(plan_path, model_name, base_config) if pruned else None
     if recovered_dir is not None:
         _check_recovered(recovered_dir, plan)
-    selection = select_tasks(specs, ev["limit"], ev["subsample_seed"], ev["metrics"],
-                             backend=ev["backend"]) if specs else None
+    selection = select_tasks(specs, ev["limit"], ev["subsample_seed"], ev["metrics"], backend=ev["backend"],
+                             include_path=ev["include_path"]) if specs else None
 
     # ---- models
     seed_everything(cfg["seed"])
