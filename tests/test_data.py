@@ -272,6 +272,27 @@ def test_own_text_labels_must_differ_and_txt_has_no_field(tmp_path):
         validate_config(_cfg(hub_datasets_dir="/no/such"))
 
 
+@pytest.mark.parametrize("section, field, message", [
+    ("calibration", "calibration.source", r"text too short: \d+ tokens available, 64 per sequence"),
+    ("perplexity", r"evaluation.perplexity.sources\[0\]", r"held-out text too short: \d+ tokens for sequences of 256"),
+    ("fidelity", "evaluation.fidelity.source", r"text too short: \d+ tokens available, 64 per sequence"),
+])
+def test_own_text_too_short_for_its_windows_fails_where_the_grid_starts(tmp_path, section, field, message):
+    from conftest import REPO_RESOURCES
+
+    from hfprune.config import check_models, validate_config
+
+    short = {"path": _write(tmp_path / "short.txt", "Only a few words here.")}
+    ev = {"suite": "none", "perplexity": {"sources": [short] if section == "perplexity" else ["wiki"]},
+          "fidelity": {"source": short if section == "fidelity" else "lambada"}}
+    cfg = validate_config({**_cfg(evaluation=ev, calibration={"seq_len": 64}), "resources_dir": REPO_RESOURCES,
+                           **({"calibration": {"source": short, "seq_len": 64}} if section == "calibration" else {})})
+    with pytest.raises(ConfigError, match=f"invalid config field '{field}' for model 'm': text source 'short.txt': "
+                                          f"{message}") as err:
+        check_models(cfg)
+    assert "\n" not in str(err.value)
+
+
 def test_settings_digest_sees_the_file_content(tmp_path):
     path = tmp_path / "a.jsonl"
     _write(path, '{"text": "one"}\n')
