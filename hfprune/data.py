@@ -498,7 +498,8 @@ def eval_chunks(tokenizer, source, seq_len: int, max_tokens: int | None, protoco
     sep, n_rows, n_windows = _WANDA.get(source.name, _WANDA_DEFAULT)
     rows = load_rows(source)[:n_rows]
     joined = sep.join(rows)
-    enc = tokenizer(joined, return_offsets_mapping=True)
+    fast = getattr(tokenizer, "is_fast", False)  # only fast tokenizers give character offsets
+    enc = tokenizer(joined, return_offsets_mapping=fast)
     ids = enc["input_ids"]
     limits = [n for n in (None if n_windows is None else n_windows * seq_len, max_tokens) if n is not None]
     ids = ids[:min(limits)] if limits else ids
@@ -509,6 +510,8 @@ def eval_chunks(tokenizer, source, seq_len: int, max_tokens: int | None, protoco
     for row in rows:
         row_starts.append(pos)
         pos += len(row) + len(sep)
-    # the row each window's first token comes from (its character offset in the joined text)
-    docs = document_at(row_starts, [enc["offset_mapping"][i * seq_len][0] for i in range(n)])
+    # the row each window's first token comes from (its character offset in the joined text); without offsets
+    # every window is its own cluster
+    docs = document_at(row_starts, [enc["offset_mapping"][i * seq_len][0] for i in range(n)]) if fast \
+        else list(range(n))
     return torch.tensor(ids[:n * seq_len], dtype=torch.long).view(n, seq_len), docs, rows
