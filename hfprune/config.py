@@ -96,7 +96,8 @@ def _text_fields(cfg: dict) -> list[tuple[str, object, str]]:
     ev = cfg["evaluation"]
     fields = [("calibration.source", cfg["calibration"]["source"], "calibration")]
     fields += [(f"evaluation.perplexity.sources[{i}]", v, "eval") for i, v in enumerate(ev["perplexity"]["sources"])]
-    return fields + [("evaluation.fidelity.source", ev["fidelity"]["source"], "eval")]
+    return fields + ([("evaluation.fidelity.source", ev["fidelity"]["source"], "eval")] if ev["fidelity"]["enabled"]
+                     else [])
 
 
 def _check_text_lengths(cfg: dict, spec, source: str) -> None:
@@ -121,8 +122,7 @@ def _check_text_lengths(cfg: dict, spec, source: str) -> None:
                 sample_windows(tok, load_texts(text), cal["num_sequences"], cal["seq_len"], cal["seed"],
                                sampling=cal["sampling"])
             elif field == "evaluation.fidelity.source":
-                if ev["fidelity"]["enabled"]:
-                    sample_windows(tok, load_texts(text), ev["fidelity"]["num_prompts"], ev["fidelity"]["seq_len"], 0)
+                sample_windows(tok, load_texts(text), ev["fidelity"]["num_prompts"], ev["fidelity"]["seq_len"], 0)
             else:
                 ppl = ev["perplexity"]
                 eval_chunks(tok, text, ppl["seq_len"], ppl["max_tokens"], ppl["protocol"])
