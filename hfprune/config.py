@@ -85,12 +85,16 @@ def validate_config(config: dict, source: str = "config") -> dict:
         raise ConfigError(f"{source}: invalid config field 'models': duplicate model name(s) {', '.join(dupes)}")
     _fill_families(cfg)
     _normalise_by_ratio(cfg, source)
+    _check_text_sources(cfg, source)
     ev = cfg["evaluation"]
-    if ev["suite"] != "none":  # a task typo fails here, not in the first evaluate job after hours of scoring
+    if ev["include_path"] is not None and not Path(ev["include_path"]).is_dir():
+        raise ConfigError(f"{source}: invalid config field 'evaluation.include_path': {ev['include_path']!r} is not "
+                          "a folder")
+    if ev["suite"] != "none":  # a task or metric typo fails here, not in the first evaluate job after hours of scoring
         from hfprune.tasks import resolve_suite
 
         try:
-            specs = resolve_suite(ev["suite"], ev["tasks"])
+            specs = resolve_suite(ev["suite"], ev["tasks"], ev["include_path"])
         except HFPruneError as exc:
             raise ConfigError(f"{source}: invalid config field 'evaluation.tasks': {exc}") from None
         _check_task_data(ev["task_data"], [s.task for s in specs], source)
@@ -111,6 +115,69 @@ def _check_task_data(task_data: dict, names: list[str], source: str) -> None:
             raise ConfigError(f"{source}: invalid config field {field!r}: no file {path!r}")
 
 
+def _text_fields(cfg: dict) -> list[tuple[str, object, str]]:
+    """(config field, text source value, role) of every text a grid reads."""
+    ev = cfg["evaluation"]
+    fields = [("calibration.source", cfg["calibration"]["source"], "calibration")]
+    fields += [(f"evaluation.perplexity.sources[{i}]", v, "eval") for i, v in enumerate(ev["perplexity"]["sources"])]
+    return fields + ([("evaluation.fidelity.source", ev["fidelity"]["source"], "eval")] if ev["fidelity"]["enabled"]
+                     else [])
+
+
+def _check_text_lengths(cfg: dict, spec, source: str) -> None:
+    """Your own texts (mappings) cut into the windows asked for with the tokenizer of a model whose folder is here
+    (an embedded model already materialised, a local folder): a text too short fails before any job. Hub texts and
+    hub models are checked by their jobs."""
+    from hfprune.data import eval_chunks, hub_datasets_dir, load_texts, sample_windows, text_source
+    from hfprune.models import model_dir
+
+    own = [(f, v, r) for f, v, r in _text_fields(cfg) if not isinstance(v, str)]
+    path = model_dir(spec, cfg["resources_dir"]) if spec.kind != "hub" else None
+    if not own or path is None or not (Path(path) / "tokenizer_config.json").is_file():
+        return
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    cal, ev = cfg["calibration"], cfg["evaluation"]
+    for field, value, role in own:
+        text = text_source(value, role, hub_datasets_dir(cfg))
+        try:
+            if field == "calibration.source":
+                sample_windows(tok, load_texts(text), cal["num_sequences"], cal["seq_len"], cal["seed"],
+                               sampling=cal["sampling"])
+            elif field == "evaluation.fidelity.source":
+                sample_windows(tok, load_texts(text), ev["fidelity"]["num_prompts"], ev["fidelity"]["seq_len"], 0)
+            else:
+                ppl = ev["perplexity"]
+                eval_chunks(tok, text, ppl["seq_len"], ppl["max_tokens"], ppl["protocol"])
+        except HFPruneError as exc:
+            named = str(exc) if repr(text.label) in str(exc) else f"text source {text.label!r}: {exc}"
+            raise ConfigError(f"{source}: invalid config field {field!r} for model {spec.name!r}: {named}") from None
+
+
+def _check_text_sources(cfg: dict, source: str) -> None:
+    """Your own texts (mappings) are read here, so a missing file, a bad JSON line, a missing field or an empty
+    text fails before any job; built-in texts are packaged, hub ones are checked when their job loads them."""
+    from hfprune.data import check_source, hub_datasets_dir, text_source
+
+    hub_dir = hub_datasets_dir(cfg)
+    if hub_dir is not None and not Path(hub_dir).is_dir():
+        raise ConfigError(f"{source}: invalid config field 'hub_datasets_dir': {hub_dir!r} is not a folder")
+    labels: dict[str, str] = {}
+    for field, value, role in _text_fields(cfg):
+        try:
+            label = text_source(value, role, hub_dir).label
+            if not isinstance(value, str):
+                check_source(value, role, hub_dir)
+        except HFPruneError as exc:
+            raise ConfigError(f"{source}: invalid config field {field!r}: {exc}") from None
+        if field.startswith("evaluation.perplexity"):
+            if label in labels:
+                raise ConfigError(f"{source}: invalid config field {field!r}: label {label!r} is also "
+                                  f"{labels[label]}'s; give one of them a `name`")
+            labels[label] = field
+
+
 def _fill_families(cfg: dict) -> None:
     """A model entry without `family` gets its checkpoint's, where config.json facts are readable (embedded
     models, local folders, cached hub models); otherwise the job that downloads the model resolves it."""
@@ -126,7 +193,8 @@ def _fill_families(cfg: dict) -> None:
 
 def check_models(cfg: dict, source: str = "config") -> None:
     """Sources that exist, families that match them, ratios every model can reach, sequence lengths within its
-    positions and scoring within the device's memory (hfprune.limits), from config.json alone.
+    positions and scoring within the device's memory (hfprune.limits), from config.json alone; and your own texts
+    long enough for their windows, with the tokenizer of each model whose folder is here.
 
     Called where a grid starts (the Snakefile, `hfprune validate`) so that it does not find out in its plan
     jobs, after hours of scoring; single jobs meet the same errors when they load the model.
@@ -153,6 +221,7 @@ def check_models(cfg: dict, source: str = "config") -> None:
                                   f"{exc}") from None
         if arch is not None:
             check_model_limits(cfg, spec.name, arch, source=source)
+        _check_text_lengths(cfg, spec, source)
 
 
 def load_config(path: str | Path) -> dict:

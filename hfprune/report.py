@@ -31,6 +31,7 @@ import pandas as pd
 
 from hfprune import comparisons
 from hfprune.config import baseline_criterion, cell_seeds, score_ratios, score_stem
+from hfprune.data import source_label
 from hfprune.errors import HFPruneError
 from hfprune.plan import format_ratio
 from hfprune.runtime import atomic_path, read_json
@@ -209,7 +210,7 @@ def scoring_cost(cfg: dict) -> pd.DataFrame:
             rows.append({"model": model, "method": "ours", "criterion": crit,
                          "seconds": float(np.mean([m["seconds"] for m in metas])),
                          "peak_memory_gb": max(peaks) / 1024 if peaks else None, "jobs": len(metas),
-                         "calibration": f"{cal['num_sequences']} {cal['source']} samples x {cal['seq_len']} "
+                         "calibration": f"{cal['num_sequences']} {source_label(cal['source'])} samples x {cal['seq_len']} "
                                         "tokens" if cal.get("num_sequences") else "none (needs no data)",
                          "device": metas[0].get("device"), "source": "ours"})
     return pd.DataFrame(rows)
@@ -657,10 +658,11 @@ def _header(cfg: dict) -> list[str]:
         f"# hfprune report: experiment `{cfg['experiment']}`", "",
         (f"Models: {', '.join(m['name'] for m in cfg['models'])}. Criteria: {', '.join(cfg['criteria'])}. "
          f"Ratios (fraction of all parameters removed): {', '.join(map(format_ratio, cfg['ratios']))}. "
-         f"Calibration: {cal['num_sequences']} x {cal['seq_len']} tokens of `{cal['source']}`, seeds {seed_text}. "
+         f"Calibration: {cal['num_sequences']} x {cal['seq_len']} tokens of `{source_label(cal['source'])}`, seeds {seed_text}. "
          f"Evaluation: suite `{ev['suite']}`, {docs} (seed {ev['subsample_seed']}), 0-shot; "
-         f"perplexity on {', '.join(ev['perplexity']['sources'])}; fidelity on {ev['fidelity']['num_prompts']} "
-         f"`{ev['fidelity']['source']}` prompts. Recovery: {recovery}."),
+         f"perplexity on {', '.join(map(source_label, ev['perplexity']['sources']))} "
+         f"({ev['perplexity']['protocol']} protocol); fidelity on {ev['fidelity']['num_prompts']} "
+         f"`{source_label(ev['fidelity']['source'])}` prompts. Recovery: {recovery}."),
         "",
     ]
 

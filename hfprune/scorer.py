@@ -502,7 +502,7 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     from safetensors.torch import save_file
 
     from hfprune.config import criterion_options, model_entry, per_ratio
-    from hfprune.data import load_texts, sample_windows
+    from hfprune.data import hub_datasets_dir, load_texts, sample_windows, text_source, texts_hash
     from hfprune.models import ModelSpec, load_model
     from hfprune.runtime import atomic_path, package_versions, resolve_device, seed_everything, write_json
 
@@ -523,9 +523,16 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
         torch.cuda.reset_peak_memory_stats()
     cal = cfg["calibration"]
     tokens = torch.empty(0, dtype=torch.long)
+    texts_sha256 = None
     if crit.requires_data:
-        tokens = sample_windows(tok, load_texts(cal["source"]), cal["num_sequences"], cal["seq_len"], cal["seed"],
-                                sampling=cal["sampling"])
+        source = text_source(cal["source"], "calibration", hub_datasets_dir(cfg))
+        texts = load_texts(source)
+        texts_sha256 = texts_hash(texts)
+        try:
+            tokens = sample_windows(tok, texts, cal["num_sequences"], cal["seq_len"], cal["seed"],
+                                    sampling=cal["sampling"])
+        except HFPruneError as exc:
+            raise HFPruneError(f"calibration.source {source.label!r}: {exc}") from None
     token_hash = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
     scope = cfg["pruning"]["scope"]
     start = time.perf_counter()
@@ -541,8 +548,8 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
               "seeded": crit.seeded, **({"ratio": float(ratio)} if ratio is not None else {})}
     sidecar = {"model": spec.name, "family": spec.family, "source": spec.source, "criterion": criterion,
                "criterion_options": crit.options, "ratio": None if ratio is None else float(ratio), "scope": scope,
-               "calibration": {**({k: cal[k] for k in ("source", "sampling", "num_sequences", "seq_len", "seed",
-                                                  "batch_size")}
+               "calibration": {**({**{k: cal[k] for k in ("source", "sampling", "num_sequences", "seq_len", "seed",
+                                                        "batch_size")}, "texts_sha256": texts_sha256}
                                   if crit.requires_data else {}), "tokens": n_tokens, "sha256": token_hash},
                "seed": cfg["seed"], "calibration_seed": cal["seed"], "seeded": crit.seeded, "dtype": cfg["dtype"],
                "device": str(device), "seconds": summary["seconds"],

@@ -134,7 +134,7 @@ def test_calibration_text_shorter_than_a_sequence(tmp_path, tiny_llama_dir):
     cfg = _config(tmp_path, _with_positions(tmp_path, tiny_llama_dir, 10**9),
                   calibration={"source": "wiki", "num_sequences": 1, "seq_len": 10**8})
     proc, out = _score(tmp_path, cfg, criterion="taylor_entropy", env={"HFPRUNE_MEMORY_BUDGET_MB": str(10**15)})
-    _fails(proc, "calibration text too short", f"{10**8} per sequence requested", "calibration.seq_len")
+    _fails(proc, "calibration.source 'wiki': text too short", f"{10**8} per sequence requested", "lower the seq_len")
     _nothing_under(out.parent)
 
 

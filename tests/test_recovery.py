@@ -5,6 +5,7 @@ bf16 autocast, the adapter saved unmerged and evaluated so."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -452,3 +453,22 @@ def test_released_recipe_end_to_end_is_evaluated_unmerged(local_model, tmp_path)
     assert recovered["efficiency"]["params"] == pruned["efficiency"]["params"]
     assert recovered["perplexity"]["wiki"]["ppl"] != pruned["perplexity"]["wiki"]["ppl"]
     assert recovered["fidelity"]["kl"] != pruned["fidelity"]["kl"]
+
+
+def test_recover_on_lamini_from_a_hub_format_copy(local_model, tmp_path, monkeypatch):
+    """`recovery.data: lamini` with `hub_datasets_dir`: MBZUAI/LaMini-instruction's parquet layout, read locally."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    hub = Path(__file__).resolve().parent / "fixtures" / "hub"
+    cfg = make_cfg(str(local_model), data="lamini", max_steps=2, batch_size=2, seq_len=64, num_samples=6,
+                   lora={"target_modules": ["q_proj"]})
+    cfg["hub_datasets_dir"] = str(hub)
+    (tmp_path / "plan.json").write_text(json.dumps(random_plan(96, KEEPS)))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "recovered"
+    assert cli_main(["recover", "--config", str(tmp_path / "cfg.yaml"), "--model", "m",
+                     "--plan", str(tmp_path / "plan.json"), "--out", str(out)]) == 0
+    data = json.loads((out / "recovery.json").read_text())["data"]
+    assert data["source"] == "MBZUAI/LaMini-instruction" and data["path"] == str(hub / "MBZUAI/LaMini-instruction")
+    assert data["rows"] == 6 and data["examples"] + data["dropped_prompt_too_long"] == 6 and data["label_tokens"] > 0

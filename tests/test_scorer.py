@@ -6,6 +6,7 @@ from conftest import REPO_RESOURCES, tiny_model
 
 from hfprune.adapters import get_adapter
 from hfprune.criteria import get_criterion
+from hfprune.data import load_texts, texts_hash
 from hfprune.errors import ScoreError
 from hfprune.plan import make_plan
 from hfprune.scorer import score_model
@@ -264,6 +265,7 @@ def test_same_seed_gives_byte_identical_score_files(tmp_path, smollm2_dir):
     side = json.loads((tmp_path / "a.json").read_text())
     assert side["calibration"]["tokens"] == 3 * 16 and side["criterion_options"]["k"] == 64  # last included
     assert side["calibration"]["sampling"] == "stream"
+    assert side["calibration"]["texts_sha256"] == texts_hash(load_texts("calibration"))
     assert side["versions"]["torch"] and side["peak_memory_mb"] > 0
 
 

@@ -174,8 +174,8 @@ def test_resolve_suite():
                       TaskSpec("offline_boolq", "boolq", "acc")]
     with pytest.raises(HFPruneError, match="offline7, llmpruner7, paper10"):
         resolve_suite("offline8")
-    with pytest.raises(HFPruneError, match=r"'race'.*valid names: offline_boolq"):
-        resolve_suite("offline7", ["boolq", "race"])
+    assert resolve_suite("offline7", [{"task": "boolq", "metric": "acc_norm"}]) == [
+        TaskSpec("offline_boolq", "boolq", "acc_norm")]
     with pytest.raises(HFPruneError, match="twice"):
         resolve_suite("llmpruner7", ["boolq", "boolq"])
 

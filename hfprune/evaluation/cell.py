@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from hfprune.config import model_entry
-from hfprune.data import load_texts
+from hfprune.data import hub_datasets_dir, load_texts, text_source
 from hfprune.errors import HFPruneError
 from hfprune.evaluation.efficiency import efficiency
 from hfprune.evaluation.fidelity import source_fidelity
@@ -37,14 +37,6 @@ from hfprune.runtime import (
     seed_everything,
     write_json,
 )
-
-
-def _check_texts(sources) -> None:
-    for source in sources:
-        try:
-            load_texts(source)
-        except OSError as exc:  # hub sources: `datasets` raises ConnectionError when no hub is reachable
-            raise HFPruneError(f"text source {source!r} could not be loaded: {exc}") from None
 
 
 def _check_recovered(recovered_dir, plan: dict) -> None:
@@ -82,16 +74,20 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
         raise HFPruneError("a recovered model needs its plan (--plan): the plan names the cell and is checked "
                            "against the folder")
     # ---- cheap checks, before any model is loaded
-    specs = [] if ev["suite"] == "none" else resolve_suite(ev["suite"], ev["tasks"])
+    specs = [] if ev["suite"] == "none" else resolve_suite(ev["suite"], ev["tasks"], ev["include_path"])
     pruned = plan_path is not None
     fid_cfg, eff_cfg, ppl_cfg = ev["fidelity"], ev["efficiency"], ev["perplexity"]
-    _check_texts(ppl_cfg["sources"] + ([fid_cfg["source"]] if pruned and fid_cfg["enabled"] else []))
+    hub_dir = hub_datasets_dir(cfg)
+    ppl_sources = [text_source(s, "eval", hub_dir) for s in ppl_cfg["sources"]]
+    fid_source = text_source(fid_cfg["source"], "eval", hub_dir)
+    for source in ppl_sources + ([fid_source] if pruned and fid_cfg["enabled"] else []):
+        load_texts(source)  # a missing file or an unreachable hub: one line naming the source
     base_config = AutoConfig.from_pretrained(ensure_available(spec, cfg["resources_dir"]))
     plan = read_plan(plan_path, model_name, base_config) if pruned else None
     if recovered_dir is not None:
         _check_recovered(recovered_dir, plan)
-    selection = select_tasks(specs, ev["limit"], ev["subsample_seed"], ev["metrics"],
-                             backend=ev["backend"], task_data=ev["task_data"]) if specs else None
+    selection = select_tasks(specs, ev["limit"], ev["subsample_seed"], ev["metrics"], backend=ev["backend"],
+                             include_path=ev["include_path"], task_data=ev["task_data"]) if specs else None
 
     # ---- models
     seed_everything(cfg["seed"])
@@ -121,7 +117,7 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
     fidelity, records = None, []
     if pruned and fid_cfg["enabled"]:
         start = time.perf_counter()
-        fidelity = source_fidelity(dense, model, tokenizer, fid_cfg["source"], fid_cfg["num_prompts"],
+        fidelity = source_fidelity(dense, model, tokenizer, fid_source, fid_cfg["num_prompts"],
                                    fid_cfg["seq_len"], fid_cfg["top_k"], seed=cfg["seed"])
         seconds["fidelity"] = time.perf_counter() - start
         records += fidelity_records(fidelity)
@@ -137,8 +133,8 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
         seconds["lm_eval"] = time.perf_counter() - start
         records += task_records(selection, raw["samples"])
     start = time.perf_counter()
-    perplexity = {s: source_perplexity(model, tokenizer, s, ppl_cfg["seq_len"], ppl_cfg["max_tokens"],
-                                       ev["batch_size"]) for s in ppl_cfg["sources"]}
+    perplexity = {s.label: source_perplexity(model, tokenizer, s, ppl_cfg["seq_len"], ppl_cfg["max_tokens"],
+                                             ev["batch_size"], ppl_cfg["protocol"]) for s in ppl_sources}
     seconds["perplexity"] = time.perf_counter() - start
     for source, res in perplexity.items():
         records += perplexity_records(source, res)

@@ -19,7 +19,8 @@ import math
 
 import torch
 
-from hfprune.data import load_texts, sample_windows, texts_hash
+from hfprune.data import load_texts, sample_windows, text_source, texts_hash
+from hfprune.errors import HFPruneError
 from hfprune.evaluation.perplexity import input_device
 
 
@@ -60,11 +61,16 @@ def fidelity(reference, model, input_ids: torch.Tensor, top_k: int = 15, batch_s
             "per_prompt": {k: v.tolist() for k, v in prompts.items()}}
 
 
-def source_fidelity(reference, model, tokenizer, source: str, num_prompts: int, seq_len: int, top_k: int,
+def source_fidelity(reference, model, tokenizer, source, num_prompts: int, seq_len: int, top_k: int,
                     seed: int) -> dict:
-    """Fidelity on `num_prompts` seeded random windows of a held-out text source."""
+    """Fidelity on `num_prompts` seeded random windows of a held-out text source (a name, mapping or
+    hfprune.data.TextSource)."""
+    source = text_source(source)
     texts = load_texts(source)
-    windows, docs = sample_windows(tokenizer, texts, num_prompts, seq_len, seed, return_docs=True)
+    try:
+        windows, docs = sample_windows(tokenizer, texts, num_prompts, seq_len, seed, return_docs=True)
+    except HFPruneError as exc:
+        raise HFPruneError(f"evaluation.fidelity.source {source.label!r}: {exc}") from None
     out = fidelity(reference, model, windows, top_k)
-    out.update(source=source, seed=seed, texts_sha256=texts_hash(texts), prompt_doc=docs)
+    out.update(source=source.label, seed=seed, texts_sha256=texts_hash(texts), prompt_doc=docs)
     return out

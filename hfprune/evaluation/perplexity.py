@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from hfprune.data import contiguous_chunks, load_texts, texts_hash
+from hfprune.data import eval_chunks, text_source, texts_hash
 
 
 def input_device(model) -> torch.device:
@@ -39,12 +39,13 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int = 8) -> dict:
             "windows": chunks.shape[0], "seq_len": chunks.shape[1], "window_nll": per_window.tolist()}
 
 
-def source_perplexity(model, tokenizer, source: str, seq_len: int, max_tokens: int | None,
-                      batch_size: int = 8) -> dict:
-    """Perplexity on a named text source (hfprune.data.load_texts), first `max_tokens` of its stream;
-    "window_doc" is the document each window starts in."""
-    texts = load_texts(source)
-    chunks, docs = contiguous_chunks(tokenizer, texts, seq_len, max_tokens, return_docs=True)
+def source_perplexity(model, tokenizer, source, seq_len: int, max_tokens: int | None, batch_size: int = 8,
+                      protocol: str = "stream") -> dict:
+    """Perplexity on a text source (a name, mapping or hfprune.data.TextSource) under a windowing protocol
+    (hfprune.data.eval_chunks: ``stream``, ours; ``wanda``, the published tables'); "window_doc" is the document
+    each window starts in. The protocol and the hash of the texts read are recorded with the numbers."""
+    source = text_source(source)
+    chunks, docs, texts = eval_chunks(tokenizer, source, seq_len, max_tokens, protocol)
     out = perplexity(model, chunks, batch_size)
-    out.update(texts_sha256=texts_hash(texts), window_doc=docs)
+    out.update(protocol=protocol, texts_sha256=texts_hash(texts), window_doc=docs)
     return out

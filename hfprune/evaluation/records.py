@@ -76,19 +76,25 @@ def task_records(selection, samples: dict) -> list[dict]:
     """Rows for every evaluated doc of every task, from lm-eval's logged samples."""
     rows = []
     for name, metric in selection.metrics.items():
-        task = selection.tasks[name]
-        for sample in samples.get(name, []):
-            doc, doc_id = sample["doc"], sample["doc_id"]
-            if metric not in sample:
-                raise HFPruneError(f"lm-eval logged no per-doc {metric!r} for task {name!r}")
-            logliks = [float(r[0]) for r in sample["filtered_resps"]] if all(
-                isinstance(r, (tuple, list)) for r in sample["filtered_resps"]) else None
-            base = {"group": name, "unit": str(doc_id), "cluster": _cluster(doc, doc_id), "weight": 1.0,
-                    "choice_loglik": logliks}
-            rows.append({**base, "measure": "acc", "value": float(sample[metric])})
-            prob = gold_probability(task, doc, logliks, metric) if logliks else None
-            if prob is not None:
-                rows.append({**base, "measure": "gold_prob", "value": prob})
+        for leaf in selection.members.get(name, [name]):  # a group: each of its tasks, by the group's metric
+            rows += _leaf_records(selection.tasks[leaf], leaf, metric, samples)
+    return rows
+
+
+def _leaf_records(task, name: str, metric: str, samples: dict) -> list[dict]:
+    rows = []
+    for sample in samples.get(name, []):
+        doc, doc_id = sample["doc"], sample["doc_id"]
+        if metric not in sample:
+            raise HFPruneError(f"lm-eval logged no per-doc {metric!r} for task {name!r}")
+        logliks = [float(r[0]) for r in sample["filtered_resps"]] if all(
+            isinstance(r, (tuple, list)) for r in sample["filtered_resps"]) else None
+        base = {"group": name, "unit": str(doc_id), "cluster": _cluster(doc, doc_id), "weight": 1.0,
+                "choice_loglik": logliks}
+        rows.append({**base, "measure": "acc", "value": float(sample[metric])})
+        prob = gold_probability(task, doc, logliks, metric) if logliks else None
+        if prob is not None:
+            rows.append({**base, "measure": "gold_prob", "value": prob})
     return rows
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 
 from hfprune.data import bos_prefix
 from hfprune.errors import ConfigError
+from hfprune.tasks import task_manager_for
 
 
 def subsample(n_docs: int, limit: int | None, seed: int, task: str) -> list[int] | None:
@@ -32,35 +32,24 @@ def subsample(n_docs: int, limit: int | None, seed: int, task: str) -> list[int]
 class TaskSelection:
     """Loaded lm-eval tasks with the metric reported for each and the docs to evaluate."""
 
-    tasks: dict  # task name -> lm_eval Task
-    metrics: dict[str, str]
+    tasks: dict  # leaf task name -> lm_eval Task (a group's tasks included)
+    metrics: dict[str, str]  # reported task or group -> metric
     columns: dict[str, str]
     docs_total: dict[str, int]
-    samples: dict[str, list[int]] = field(default_factory=dict)
+    samples: dict[str, list[int]] = field(default_factory=dict)  # per leaf task
     limit: int | None = None
     seed: int = 0
     task_manager: object = None
     backend: str = "shared"  # evaluation.backend: the lm-eval model class (hfprune.evaluation.backend.lm_class)
-
-
-@lru_cache(maxsize=2)
-def _task_manager(include_defaults: bool):
-    from hfprune.tasks import task_manager
-
-    return task_manager(include_defaults=include_defaults)
-
-
-def default_task_manager(names):
-    """A TaskManager for `names`, built once per process. Indexing lm-eval's thousands of stock task files
-    takes ~15 s on a small machine, so our offline folder alone is used when it has every task."""
-    local = _task_manager(False)
-    return local if set(names) <= set(local.all_tasks) else _task_manager(True)
+    members: dict[str, list[str]] = field(default_factory=dict)  # reported name -> its leaf tasks (a group: many)
+    objects: list = field(default_factory=list)  # what lm-eval evaluates: Tasks, and Groups (which aggregate)
 
 
 def select_tasks(specs, limit: int | None, seed: int, metric_overrides: dict | None = None,
-                 task_manager=None, backend: str = "shared", task_data: dict | None = None) -> TaskSelection:
-    """Load the tasks of a resolved suite (no model needed; `task_data`: evaluation.task_data), check metric
-    overrides, draw the subsets."""
+                 task_manager=None, backend: str = "shared", include_path: str | None = None,
+                 task_data: dict | None = None) -> TaskSelection:
+    """Load the tasks (and groups) of resolved specs (no model needed; `task_data`: evaluation.task_data), check
+    metrics, draw the subsets (per leaf task; a group is reported by lm-eval's own aggregation over its tasks)."""
     from hfprune.tasks import load_tasks
 
     overrides = dict(metric_overrides or {})
@@ -73,23 +62,37 @@ def select_tasks(specs, limit: int | None, seed: int, metric_overrides: dict | N
     if unknown:
         raise ConfigError(f"evaluation.task_data: task(s) {', '.join(unknown)} are not in the suite "
                           f"({', '.join(names)})")
-    tm = task_manager or default_task_manager(names)
-    loaded = load_tasks(tm, names, task_data)
-    metrics, columns, docs_total, samples = {}, {}, {}, {}
+    tm = task_manager or task_manager_for(names, include_path)
+    try:
+        built = load_tasks(tm, names, task_data)
+    except ValueError as exc:  # e.g. a task both alone and inside a requested group
+        raise ConfigError(f"evaluation.tasks: {exc}") from None
+    loaded, groups = built["tasks"], built["groups"]
+    metrics, columns, docs_total, samples, members, objects = {}, {}, {}, {}, {}, []
     for spec in specs:
-        task = loaded[spec.task]
         metric = overrides.get(spec.task, overrides.get(spec.column, spec.metric))
-        available = sorted(task.aggregation())
+        if spec.task in groups:
+            group = groups[spec.task]
+            leaves = [t.task_name for t in group.get_all_tasks()]
+            available = sorted(a.metric for a in group.aggregate_metric_list or [])
+            objects.append(group)
+        else:
+            leaves = [spec.task]
+            available = sorted(loaded[spec.task].aggregation())
+            objects.append(loaded[spec.task])
+        metric = metric or (available[0] if available else None)
         if metric not in available:
             raise ConfigError(f"evaluation.metrics: task {spec.task!r} has no metric {metric!r}; "
-                              f"it reports {', '.join(available)}")
-        metrics[spec.task], columns[spec.task] = metric, spec.column
-        docs_total[spec.task] = len(task.eval_docs)
-        idx = subsample(docs_total[spec.task], limit, seed, spec.task)
-        if idx is not None:
-            samples[spec.task] = idx
+                              f"it reports {', '.join(available) or 'nothing'}")
+        metrics[spec.task], columns[spec.task], members[spec.task] = metric, spec.column, leaves
+        for leaf in leaves:
+            docs_total[leaf] = len(loaded[leaf].eval_docs)
+            idx = subsample(docs_total[leaf], limit, seed, leaf)
+            if idx is not None:
+                samples[leaf] = idx
     return TaskSelection(tasks=loaded, metrics=metrics, columns=columns, docs_total=docs_total,
-                         samples=samples, limit=limit, seed=seed, task_manager=tm, backend=backend)
+                         samples=samples, limit=limit, seed=seed, task_manager=tm, backend=backend,
+                         members=members, objects=objects)
 
 
 def _number(value) -> float | None:
@@ -119,17 +122,19 @@ def evaluate_tasks(model, tokenizer, selection: TaskSelection, batch_size: int =
     add_bos = bool(bos_prefix(tokenizer))
     lm = lm_class(selection.backend)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                                      add_bos_token=add_bos)
-    res = lm_eval.simple_evaluate(model=lm, tasks=list(selection.tasks.values()),
+    res = lm_eval.simple_evaluate(model=lm, tasks=selection.objects or list(selection.tasks.values()),
                                   task_manager=selection.task_manager, samples=selection.samples or None,
                                   log_samples=log_samples)
     tasks = {}
     for name, metric in selection.metrics.items():
         row = res["results"][name]
+        leaves = selection.members.get(name, [name])
         tasks[name] = {"metric": metric, "value": _number(_metric_value(row, metric)),
                        "stderr": _number(_metric_value(row, metric, "_stderr")),
-                       "n": int(res["n-samples"][name]["effective"]), "column": selection.columns[name]}
+                       "n": sum(int(res["n-samples"][leaf]["effective"]) for leaf in leaves),
+                       "column": selection.columns[name], **({"tasks": leaves} if leaves != [name] else {})}
     meta = {"lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
-            "task_versions": {n: res["versions"].get(n) for n in selection.metrics},
+            "task_versions": {n: res["versions"].get(n) for n in [*selection.metrics, *selection.tasks]},
             "docs_total": selection.docs_total,
             "docs_evaluated": {n: t["n"] for n, t in tasks.items()},
             "limit": selection.limit, "subsample_seed": selection.seed,

@@ -12,6 +12,7 @@ from snakemake.settings.types import DeploymentMethod
 
 from hfprune.assets import ASSET_MARKER, EMBEDDED_MODELS
 from hfprune.config import cell_seeds, per_ratio, score_ratios, score_stem
+from hfprune.data import content_digest
 from hfprune.models import ModelSpec, embedded_dir
 from hfprune.plan import format_ratio
 from hfprune.runtime import atomic_path
@@ -82,6 +83,9 @@ def settings(*keys):
         used["model"] = {k: v for k, v in MODELS[wildcards.model].items() if k != "seeds"} if "model" in names else None
         crit = wildcards.criterion if "criterion" in names else None
         used["options"] = config["criterion_options"].get(crit)
+        texts = content_digest(used)  # the content of the config's own text files, not only their paths
+        if texts:
+            used["texts"] = texts
         return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:16]
 
     return digest
