@@ -193,7 +193,7 @@ def test_lamini_from_its_hub_format_copy(tok):
 
     from hfprune.recovery import ALPACA_PROMPT, lamini_examples
 
-    examples, meta = lamini_examples(tok, seq_len=256, num_samples=12, seed=0, hub_dir=HUB)
+    examples, meta = lamini_examples(tok, seq_len=256, num_samples=12, seed=0, keep_prompt_only=True, hub_dir=HUB)
     assert meta["path"] == f"{HUB}/MBZUAI/LaMini-instruction" and meta["rows"] == 12 == len(examples)
     table = pq.read_table(f"{HUB}/MBZUAI/LaMini-instruction/data/train-00000-of-00001.parquet").to_pylist()
     for ids, labels in examples:
