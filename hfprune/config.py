@@ -94,6 +94,10 @@ def validate_config(config: dict, source: str = "config") -> dict:
         except HFPruneError as exc:
             raise ConfigError(f"{source}: invalid config field 'evaluation.tasks': {exc}") from None
         _check_task_data(ev["task_data"], [s.task for s in specs], source)
+    if cfg["grid"]:  # known axis paths, and every variant a valid config
+        from hfprune.grid import variants
+
+        variants(cfg, source)
     return cfg
 
 
@@ -164,6 +168,15 @@ def load_config(path: str | Path) -> dict:
     with reading(path, "config file", ConfigError) as p:  # not UTF-8, not YAML: one line naming the file
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     return validate_config(raw, source=str(path))
+
+
+def load_job_config(path: str | Path) -> dict:
+    """`load_config` for a job, which runs one grid point: a config of several variants is an error."""
+    from hfprune.grid import point_values
+
+    cfg = load_config(path)
+    point_values(cfg, source=str(path))
+    return cfg
 
 
 def model_entry(cfg: dict, name: str) -> dict:
