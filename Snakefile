@@ -8,7 +8,6 @@ Run from the repository root: `make run`, or
 """
 
 from hfprune.config import check_models, validate_config
-from hfprune.grid import variants
 
 
 # --configfile replaces the default instead of being merged into it (Snakemake's `configfile:` would merge
@@ -23,8 +22,7 @@ if not workflow.overwrite_configfiles:
 _source = ", ".join(map(str, workflow.overwrite_configfiles)) or "config"
 config.update(validate_config(config, source=_source))
 if workflow.is_main_process:  # model sources and ratios, from config.json facts (not again inside each job)
-    for _name, _variant in variants(config, _source).items():
-        check_models(_variant, source=f"{_source} (grid variant {_name})" if _name else _source)
+    check_models(config, source=_source)
 
 
 report: "workflow/report/workflow.rst"

@@ -130,15 +130,21 @@ def _fill_families(cfg: dict) -> None:
 
 def check_models(cfg: dict, source: str = "config") -> None:
     """Sources that exist, families that match them, ratios every model can reach, sequence lengths within its
-    positions and scoring within the device's memory (hfprune.limits), from config.json alone.
+    positions and scoring within the device's memory (hfprune.limits), from config.json alone; of every grid
+    variant.
 
     Called where a grid starts (the Snakefile, `hfprune validate`) so that it does not find out in its plan
     jobs, after hours of scoring; single jobs meet the same errors when they load the model.
     """
+    from hfprune.grid import is_point, variants
     from hfprune.limits import check_model_limits
     from hfprune.models import ModelSpec, architecture
     from hfprune.plan import check_feasible
 
+    if not is_point(cfg):  # every variant: an axis such as pruning.allocation decides what is feasible
+        for name, variant in variants(cfg, source).items():
+            check_models(variant, f"{source} (grid variant {name})")
+        return
     pruning = cfg["pruning"]
     for i, entry in enumerate(cfg["models"]):
         spec = ModelSpec.from_config(entry)

@@ -19,9 +19,10 @@ import re
 
 from hfprune.errors import ConfigError
 
-# the grid's own axes and per-experiment settings: not something a variant can vary
+# the grid's own axes and per-experiment settings (which jobs exist, their resources): not something a variant
+# can vary
 FIXED = ("experiment", "results_dir", "resources_dir", "models", "criteria", "ratios", "calibration.seed",
-         "calibration.seeds", "tracking", "report", "grid")
+         "calibration.seeds", "recovery.enabled", "device", "tracking", "report", "grid")
 COMPUTE = ("seed", "dtype", "device", "device_map")
 # what a score job reads of `calibration`: its seed is the job's `seed` wildcard, not the seeds list
 CALIBRATION = ("calibration.source", "calibration.sampling", "calibration.num_sequences", "calibration.seq_len",
@@ -122,10 +123,6 @@ def variants(cfg: dict, source: str = "config") -> dict[str, dict]:
         return {"": cfg}
     check_axes(cfg, source)
     for path, values in grid.items():
-        slugs = [_slug(v) for v in values]
-        if len(set(slugs)) < len(slugs):
-            raise ConfigError(f"{source}: invalid config field 'grid.{path}': values {values} do not give distinct "
-                              "variant names")
         for value in values:
             try:
                 point(cfg, {path: value}, source)
@@ -133,6 +130,8 @@ def variants(cfg: dict, source: str = "config") -> dict[str, dict]:
                 first = str(exc).splitlines()[0].removeprefix(f"{source}: ")
                 raise ConfigError(f"{source}: invalid config field 'grid.{path}': value {value!r}: {first}") from None
     combos = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    if len({name(values) for values in combos}) < len(combos):  # values that differ only in odd characters
+        raise ConfigError(f"{source}: invalid config field 'grid': values {grid} do not give distinct variant names")
     return {name(values): point(cfg, values, f"{source} (grid variant {name(values)})") for values in combos}
 
 

@@ -834,7 +834,9 @@ def write_report(cfg: dict, out_dir: str | os.PathLike | None = None) -> Path:
                      grid_summary({n: variants[n] for n in cells}, cells), root / "tables" / "grid_summary", root,
                      "Means over calibration seeds (perplexity: geometric), ± sd over seeds; the verdicts below "
                      "compare criteria within each variant only.")
-            lines += ["## Grid", ""] + summary
+            axes = "; ".join(f"`{path}`: {', '.join(map(str, values))}" for path, values in cfg["grid"].items())
+            lines += ["## Grid", "", (f"{len(variants)} variants, the product of the axes {axes} (each overrides "
+                                      "the setting above). A variant is named `<axis>-<value>_...`."), ""] + summary
         (root / "report.md").write_text("\n".join(lines + verdicts + ["# Tables and plots", ""] + sections).rstrip()
                                         + "\n")
     return out_dir / "report.md"

@@ -32,7 +32,7 @@ REPORT = f"{EXP}/report"  # the folder: report.md, tables/, plots/ (written at o
 MODELS = {m["name"]: m for m in config["models"]}
 CRITERIA = config["criteria"]
 RATIOS = [format_ratio(r) for r in config["ratios"]]  # the `ratio` wildcard: "0.2" in .../r0.2.json
-RECOVERY = config["recovery"]["enabled"]  # not a grid axis (its recovery.* settings are)
+RECOVERY = config["recovery"]["enabled"]
 
 # GPU jobs ask for one device (`--resources gpu=N` caps how many run at once) and take a free one through a
 # lock-file slot (hfprune.gpu sets CUDA_VISIBLE_DEVICES); a CPU config needs neither.
