@@ -177,7 +177,8 @@ def load_config(path: str | Path) -> dict:
 
 
 def load_job_config(path: str | Path) -> dict:
-    """`load_config` for a job, which runs one grid point: a config of several variants is an error."""
+    """`load_config` for a command on one grid point (a job, `compare`): a config of several variants is an
+    error naming the file."""
     from hfprune.grid import point_values
 
     cfg = load_config(path)

@@ -15,6 +15,8 @@ import yaml
 from conftest import experiment_runs
 from test_workflow import ROOT, _dag, _snakemake
 
+from hfprune import comparisons
+
 
 def _config(tmp_path: Path, name: str = "grid.yaml", **changes) -> Path:
     cfg = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
@@ -121,11 +123,12 @@ def test_bad_axis_stops_before_any_job(tmp_path, case):
     assert "Building DAG" not in output and not (tmp_path / "results").exists()
 
 
-def test_a_job_refuses_a_config_of_several_variants(tmp_path):
+@pytest.mark.parametrize("command", [["plan", "--scores", "s.safetensors", "--ratio", "0.2", "--out", "p.json"],
+                                     ["compare", "--ratio", "0.2", "taylor_entropy", "magnitude"]])
+def test_a_one_point_command_refuses_a_config_of_several_variants(tmp_path, command):
     path = _config(tmp_path, grid={"pruning.allocation": ["uniform", "global"]})
-    proc = subprocess.run([sys.executable, "-m", "hfprune.cli", "plan", "--config", str(path), "--model",
-                           "smollm2-135m", "--scores", "s.safetensors", "--ratio", "0.2", "--out", "p.json"],
-                          cwd=tmp_path, capture_output=True, text=True, check=False)
+    proc = subprocess.run([sys.executable, "-m", "hfprune.cli", command[0], "--config", str(path), "--model",
+                           "smollm2-135m", *command[1:]], cwd=tmp_path, capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith(f"{path}: the grid has 2 variants and this command takes one: pass a "
                                         "variant's config (<results_dir>/<experiment>/configs/<variant>.yaml, "
@@ -161,6 +164,16 @@ def test_allocation_grid_end_to_end(tmp_path, smollm2_dir):
         assert f"### variant `pruning.allocation-{a}`" in text
         assert (report / f"tables/pruning.allocation-{a}/smollm2-135m.main.csv").is_file()
         assert (report / f"tables/pruning.allocation-{a}/smollm2-135m.verdict.r0.2.csv").is_file()
+
+    # `hfprune compare` on a variant's config prints that variant's verdict numbers
+    detail = pd.read_csv(report / "tables/pruning.allocation-global/smollm2-135m.verdict.r0.2.csv")
+    row = detail[(detail["family"] == "baseline") & (detail["measure"] == "logppl:wiki")].iloc[0]
+    compare = subprocess.run([sys.executable, "-m", "hfprune.cli", "compare", "--config",
+                              str(exp / "configs/pruning.allocation-global.yaml"), "--model", "smollm2-135m",
+                              "--ratio", "0.2", "taylor_entropy", "magnitude"], cwd=tmp_path, capture_output=True,
+                             text=True, check=False)
+    assert compare.returncode == 0, compare.stderr
+    assert comparisons.format_difference(row) in next(x for x in compare.stdout.splitlines() if "log-ppl wiki" in x)
 
     runs = experiment_runs(tmp_path / "results/mlflow.db", "smoke-grid")
     evaluations = [r.data for r in runs if r.data.tags.get("hfprune.stage") == "evaluate"
