@@ -1,4 +1,5 @@
-"""hfprune experiment grid: models x criteria x ratios -> score -> plan -> (recovery) -> evaluate -> report.
+"""hfprune experiment grid: models x criteria x ratios (x grid variants) -> score -> plan -> (recovery) -> evaluate
+-> report.
 
 Run from the repository root: `make run`, or
     snakemake --cores all --resources gpu=N --configfile CONFIG --workflow-profile profiles/local
@@ -16,7 +17,8 @@ if not workflow.overwrite_configfiles:
     configfile: "config/default.yaml"
 
 
-# Schema validation (defaults filled in) before any job is scheduled: a bad field stops the run here, named.
+# Schema validation (defaults filled in, every grid variant too) before any job is scheduled: a bad field stops
+# the run here, named.
 _source = ", ".join(map(str, workflow.overwrite_configfiles)) or "config"
 config.update(validate_config(config, source=_source))
 if workflow.is_main_process:  # model sources and ratios, from config.json facts (not again inside each job)

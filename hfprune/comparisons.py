@@ -101,14 +101,16 @@ def pair_measures(a: dict, b: dict, headline: bool = False) -> list[Measure]:
 
 def cell_files(cfg: dict, model: str, criterion: str, ratio, recovered: bool = False) -> dict:
     """{seed: metrics JSON path} of a cell's evaluated draws under the experiment folder (seed None for the
-    dense row); only the seeds the config asks for."""
+    dense row); only the seeds the config asks for. `cfg` is one grid point (a variant's config)."""
+    from hfprune import layout
     from hfprune.config import cell_seeds
+    from hfprune.grid import variant_dir
 
-    root = Path(cfg["results_dir"]) / cfg["experiment"] / "metrics" / model
+    exp = Path(cfg["results_dir"]) / cfg["experiment"]
     if criterion == DENSE:
-        return {None: root / "dense.json"}
-    suffix = ".recovered" if recovered else ""
-    return {s: root / criterion / f"s{s}" / f"r{format_ratio(ratio)}{suffix}.json"
+        return {None: Path(layout.dense_metrics(exp, variant_dir(cfg, "evaluate_dense"), model))}
+    v = variant_dir(cfg, "evaluate_recovered" if recovered else "evaluate_pruned", criterion)
+    return {s: Path(layout.cell_metrics(exp, v, model, criterion, s, format_ratio(ratio), recovered))
             for s in cell_seeds(cfg, model, criterion)}
 
 

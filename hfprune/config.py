@@ -98,6 +98,10 @@ def validate_config(config: dict, source: str = "config") -> dict:
         except HFPruneError as exc:
             raise ConfigError(f"{source}: invalid config field 'evaluation.tasks': {exc}") from None
         _check_task_data(ev["task_data"], [s.task for s in specs], source)
+    if cfg["grid"]:  # known axis paths, and every variant a valid config
+        from hfprune.grid import variants
+
+        variants(cfg, source)
     return cfg
 
 
@@ -194,15 +198,20 @@ def _fill_families(cfg: dict) -> None:
 def check_models(cfg: dict, source: str = "config") -> None:
     """Sources that exist, families that match them, ratios every model can reach, sequence lengths within its
     positions and scoring within the device's memory (hfprune.limits), from config.json alone; and your own texts
-    long enough for their windows, with the tokenizer of each model whose folder is here.
+    long enough for their windows, with the tokenizer of each model whose folder is here; of every grid variant.
 
     Called where a grid starts (the Snakefile, `hfprune validate`) so that it does not find out in its plan
     jobs, after hours of scoring; single jobs meet the same errors when they load the model.
     """
+    from hfprune.grid import is_point, variants
     from hfprune.limits import check_model_limits
     from hfprune.models import ModelSpec, architecture
     from hfprune.plan import check_feasible
 
+    if not is_point(cfg):  # every variant: an axis such as pruning.allocation decides what is feasible
+        for name, variant in variants(cfg, source).items():
+            check_models(variant, f"{source} (grid variant {name})")
+        return
     pruning = cfg["pruning"]
     for i, entry in enumerate(cfg["models"]):
         spec = ModelSpec.from_config(entry)
@@ -233,6 +242,16 @@ def load_config(path: str | Path) -> dict:
     with reading(path, "config file", ConfigError) as p:  # not UTF-8, not YAML: one line naming the file
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     return validate_config(raw, source=str(path))
+
+
+def load_job_config(path: str | Path) -> dict:
+    """`load_config` for a command on one grid point (a job, `compare`): a config of several variants is an
+    error naming the file."""
+    from hfprune.grid import point_values
+
+    cfg = load_config(path)
+    point_values(cfg, source=str(path))
+    return cfg
 
 
 def model_entry(cfg: dict, name: str) -> dict:

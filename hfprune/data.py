@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-import torch
-
 from hfprune.assets import package_dir
 from hfprune.errors import ConfigError, HFPruneError
 
@@ -385,6 +383,8 @@ def sample_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int
       inside it; only the drawn documents are tokenized (default special tokens).
     Returns a LongTensor [num_sequences, seq_len] (and, with return_docs, the document each window starts in).
     """
+    import torch
+
     if sampling == "per_document":
         return _per_document_windows(tokenizer, texts, num_sequences, seq_len, seed, return_docs)
     if sampling == "wanda":
@@ -409,6 +409,8 @@ _DOC_BATCH = 256
 
 
 def _per_document_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int, return_docs: bool):
+    import torch
+
     texts = list(texts)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(texts), generator=gen).tolist()
@@ -433,6 +435,8 @@ def _per_document_windows(tokenizer, texts, num_sequences: int, seq_len: int, se
 def _wanda_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int, return_docs: bool):
     # lib/data.py get_c4 of locuslab/wanda, draw for draw: random.seed(seed); per sample, randint(0, len - 1) until
     # a document has more than seqlen tokens, then randint(0, tokens - seqlen - 1) as the window's start
+    import torch
+
     rng = random.Random(seed)
     lengths: dict[int, list[int]] = {}  # documents tokenized so far (a redrawn one is not tokenized again)
     windows: list[list[int]] = []
@@ -456,6 +460,8 @@ def _wanda_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int
 def contiguous_chunks(tokenizer, texts, seq_len: int, max_tokens: int | None, return_docs: bool = False):
     """Non-overlapping chunks of the document stream, in order (held-out evaluation text); with return_docs
     also the document each chunk starts in."""
+    import torch
+
     stream, doc_starts = stream_with_starts(tokenizer, texts)
     if max_tokens is not None:
         stream = stream[:max_tokens]
@@ -485,6 +491,8 @@ def eval_chunks(tokenizer, source, seq_len: int, max_tokens: int | None, protoco
       C4 (`c4`, its first validation shard): the first 1100 rows joined with " ", the first 256 x seq_len tokens.
       `max_tokens` (null for the published numbers) caps the tokens further.
     """
+    import torch
+
     source = text_source(source)
     if protocol == "stream":
         texts = load_texts(source)

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hfprune import comparisons
-from hfprune.config import baseline_criterion, cell_seeds, score_ratios, score_stem
+from hfprune import comparisons, grid, layout
+from hfprune.config import baseline_criterion, cell_seeds, score_ratios
 from hfprune.data import source_label
 from hfprune.errors import HFPruneError
 from hfprune.plan import format_ratio
@@ -101,32 +101,25 @@ def expected_cells(cfg: dict) -> list[tuple]:
     return cells
 
 
-def _cell_key(row: dict) -> tuple:
-    seed = None if row["criterion"] == "dense" else row["seed"]
-    return row["model"], row["criterion"], format_ratio(row["ratio"]), row["recovered"], seed
-
-
 def load_runs(cfg: dict) -> tuple[pd.DataFrame, dict[str, str], list[tuple]]:
-    """(one row per evaluated draw of a configured cell, {task: column} in suite order, configured draws not
-    found)."""
-    wanted = expected_cells(cfg)
-    rows, columns = {}, {}
-    root = experiment_dir(cfg) / "metrics"
-    for path in sorted(root.rglob("*.json")):
-        if any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue  # a job's atomic-write temporary, not a finished cell
+    """(one row per evaluated draw of a configured cell of one grid point, {task: column} in suite order,
+    configured draws not found)."""
+    rows, columns, missing = [], {}, []
+    for key in expected_cells(cfg):
+        model, crit, ratio, recovered, seed = key
+        path = comparisons.cell_files(cfg, model, crit, float(ratio), recovered)[seed]
+        if not path.is_file():
+            missing.append(key)
+            continue
         metrics = read_json(path, "metrics file")
         try:
-            row = cell_row(metrics)
+            rows.append(cell_row(metrics))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # hand-edited or another tool's JSON
             raise HFPruneError(f"metrics file {str(path)!r}: not a metrics JSON of docs/CONTRACTS.md "
                                f"({type(exc).__name__}: {exc}); delete it and rerun its evaluate job") from None
-        if _cell_key(row) in wanted:
-            rows[_cell_key(row)] = row
-            for task, res in (metrics.get("tasks") or {}).items():
-                columns.setdefault(task, res.get("column", task))
-    missing = [key for key in wanted if key not in rows]
-    return pd.DataFrame([rows[k] for k in wanted if k in rows]), columns, missing
+        for task, res in (metrics.get("tasks") or {}).items():
+            columns.setdefault(task, res.get("column", task))
+    return pd.DataFrame(rows), columns, missing
 
 
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
@@ -189,7 +182,8 @@ def load_plans(cfg: dict, model: str) -> dict[str, dict]:
     for crit in cfg["criteria"]:
         seed = cell_seeds(cfg, model, crit)[0]
         for ratio in cfg["ratios"]:
-            path = experiment_dir(cfg) / "plans" / model / crit / f"s{seed}" / f"r{format_ratio(ratio)}.json"
+            path = Path(layout.plan_file(experiment_dir(cfg), grid.variant_dir(cfg, "plan", crit), model, crit, seed,
+                                         format_ratio(ratio)))
             if path.is_file():
                 out[f"{crit} r{format_ratio(ratio)}"] = read_json(path, "plan file")
     return out
@@ -200,9 +194,10 @@ def scoring_cost(cfg: dict) -> pd.DataFrame:
     rows = []
     for model in (m["name"] for m in cfg["models"]):
         for crit in cfg["criteria"]:
+            v = grid.variant_dir(cfg, "score", crit)
             metas = [read_json(p, "score sidecar") for s in cell_seeds(cfg, model, crit)
                      for r in score_ratios(cfg, crit)
-                     if (p := experiment_dir(cfg) / "scores" / model / f"{score_stem(crit, s, r)}.json").is_file()]
+                     if (p := Path(layout.score_file(experiment_dir(cfg), v, model, crit, s, r, ".json"))).is_file()]
             if not metas:
                 continue
             cal = metas[0].get("calibration") or {}
@@ -690,12 +685,14 @@ def _verdict_intro(cfg: dict) -> list[str]:
     ]
 
 
-def _verdicts(cfg: dict, model: str, records: dict, columns: dict[str, str], root: Path) -> tuple[list[str], dict]:
-    """The Verdict section of one model and the ablation marks {(criterion, ratio): mark} it implies."""
+def _verdicts(cfg: dict, model: str, records: dict, columns: dict[str, str], root: Path,
+              prefix: str) -> tuple[list[str], dict]:
+    """The Verdict section of one model and the ablation marks {(criterion, ratio): mark} it implies; its files
+    are named `<prefix><model>.*`."""
     lines, marks, forest = [f"### {model}", ""], {}, []
     base = baseline_criterion(cfg)
     tables_dir = root / "tables"
-    tables_dir.mkdir(parents=True, exist_ok=True)
+    (tables_dir / prefix).mkdir(parents=True, exist_ok=True)
     for recovered in (False, True) if cfg["recovery"]["enabled"] else (False,):
         for ratio in map(format_ratio, cfg["ratios"]):
             headline = verdict_tables(cfg, records, ratio, recovered)
@@ -703,7 +700,7 @@ def _verdicts(cfg: dict, model: str, records: dict, columns: dict[str, str], roo
                 continue
             tag = f"r{ratio}{'.recovered' if recovered else ''}"
             detail = verdict_tables(cfg, records, ratio, recovered, headline=False)
-            csv = tables_dir / f"{model}.verdict.{tag}.csv"
+            csv = tables_dir / f"{prefix}{model}.verdict.{tag}.csv"
             pd.concat([t.assign(family=name) for name, t in detail.items() if not t.empty]).to_csv(csv, index=False)
             lines += [f"#### ratio {ratio}{' +LoRA' if recovered else ''}", ""]
             for name, table in headline.items():
@@ -722,93 +719,144 @@ def _verdicts(cfg: dict, model: str, records: dict, columns: dict[str, str], roo
     if forest:
         rows = pd.concat(forest, ignore_index=True)
         plots = root / "plots"
-        made = [plot_forest(rows, plots / f"{model}.forest.png", f"{model}: differences vs {base} (95 % CI)")]
+        made = [plot_forest(rows, plots / f"{prefix}{model}.forest.png", f"{model}: differences vs {base} (95 % CI)")]
         if (rows["pairs"] > 1).any():
-            made.append(plot_rank_stability(rows, plots / f"{model}.rank_stability.png",
+            made.append(plot_rank_stability(rows, plots / f"{prefix}{model}.rank_stability.png",
                                             f"{model}: seeds on which A beat {base} (a count, not a test: "
                                             "see the CIs)"))
         lines += [f"![{p.stem}]({os.path.relpath(p, root)})" for p in made] + [""]
     return lines, marks
 
 
+def _demote(lines: list[str]) -> list[str]:
+    return ["#" + line if line.startswith("#") else line for line in lines]
+
+
+def _variant_report(cfg: dict, runs: pd.DataFrame, columns: dict[str, str], root: Path,
+                    prefix: str) -> tuple[list[str], list[str], pd.DataFrame]:
+    """(Verdict lines, table and plot sections, one row per cell) of one grid point; its files are named
+    `<prefix><model>.*` under tables/ and plots/."""
+    cells = aggregate(runs)
+    ev = cfg["evaluation"]
+    verdicts, sections = [], []
+    tables = root / "tables"
+    for entry in cfg["models"]:
+        model, paper_name = entry["name"], entry.get("paper_name") if cfg["report"]["paper_reference"] else None
+        plans = load_plans(cfg, model)
+        records = load_records(cfg, model, cells)
+        mine = _with_intervals(_params_from_plans(cells[cells["model"] == model], plans), records, columns)
+        if mine.empty:
+            continue
+        model_verdicts, marks = _verdicts(cfg, model, records, columns, root, prefix)
+        verdicts += model_verdicts
+        task_columns = list(dict.fromkeys(columns.values()))
+        sections += [f"## {model} ({entry.get('family', 'family unresolved')}, `{entry['source']}`)", ""]
+        _section(sections, "Accuracy, perplexity, fidelity, size (Table 1 form)",
+                 main_table(mine, task_columns, cfg["ratios"], paper_name), tables / f"{prefix}{model}.main", root,
+                 "Accuracy in % with its 95 % CI over the n docs per task (Wilson; the average: cluster-robust "
+                 "over tasks), averaged over calibration seeds; perplexity and fidelity: mean ± sd over seeds. "
+                 "The dense row is **not fine-tuned**; `+LoRA` rows are after LoRA recovery; `(paper)` rows "
+                 "are the paper's figures (pruned rows after LoRA recovery, 2 epochs LaMini; their average is "
+                 "over the paper's 10 tasks, ours over the columns our suite has)." )
+        _section(sections, "Criterion ablation, average accuracy % without fine-tuning (Table 6 form)",
+                 ablation_table(mine, cfg["criteria"], paper_name, marks), tables / f"{prefix}{model}.ablation", root,
+                 "95 % CIs; the mark says whether the paired difference from the baseline is significant "
+                 "(Holm, see Verdicts): ≈ = indistinguishable. Never read a ranking into ≈ cells."
+                 + (f" Dense average: {_number(mine[mine['criterion'] == 'dense']['average'].iloc[0], '.1f')}."
+                    if (mine["criterion"] == "dense").any() else ""))
+        _section(sections, "Output fidelity to the dense model, without fine-tuning (Table 7 form)",
+                 fidelity_table(mine, cfg["criteria"], paper_name), tables / f"{prefix}{model}.fidelity", root,
+                 "JS = Jensen-Shannon distance of the next-token distributions (lower is closer); "
+                 f"top-k Jaccard of the top-{ev['fidelity']['top_k']} token sets; mean ± sd over seeds.")
+        if ev["efficiency"]["enabled"]:
+            _section(sections, "Size and speed (Table 4 form)", efficiency_table(mine, paper_name),
+                     tables / f"{prefix}{model}.efficiency", root,
+                     f"Medians of {ev['efficiency']['repeats']} alternating dense/pruned repeats on this "
+                     "machine's device; ratios to dense with [min-max] of the per-repeat ratios. The paper's "
+                     "rows are on one A6000.")
+        sections += _plots(mine, plans, model, root, prefix)
+    cost = scoring_cost(cfg)
+    if not cost.empty:
+        paper = reference("table5_scoring_cost")
+        paper = paper[paper["model"].isin({m.get("paper_name") for m in cfg["models"]})]
+        cost = pd.concat([cost, paper.assign(source="paper")], ignore_index=True).astype({"jobs": "Int64"})
+        _section(sections, "Scoring cost (Table 5 form)", cost, tables / f"{prefix}scoring_cost", root,
+                 "Mean wall time and peak memory of the score jobs (over seeds; paper: peak GPU memory).")
+    return verdicts, sections, cells
+
+
+# what the grid summary shows of each cell (the per-variant tables have the rest)
+SUMMARY = ["seeds", "average", "average_sd", "js_distance", "js_distance_sd", "topk_jaccard", "topk_jaccard_sd"]
+
+
+def grid_summary(variants: dict[str, dict], cells: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per variant x cell: the variant, a column per grid axis, the cell, its average accuracy,
+    perplexities and fidelity (means over seeds)."""
+    frames = []
+    for name, vcfg in variants.items():
+        axes = {path: v if isinstance(v, (str, int, float)) else str(v) for path, v in grid.point_values(vcfg).items()}
+        frames.append(cells[name].assign(variant=name, **axes))
+    out = pd.concat(frames, ignore_index=True)
+    ppl = [c for c in out.columns if c.startswith("ppl_")]
+    keys = ["variant", *grid.axes(next(iter(variants.values()))), *CELL_KEYS]
+    return out[keys + [c for c in SUMMARY[:2] + ppl + SUMMARY[2:] if c in out.columns]]
+
+
 def write_report(cfg: dict, out_dir: str | os.PathLike | None = None) -> Path:
-    """Write the whole report folder atomically; returns the path of report.md."""
-    runs, columns, missing = load_runs(cfg)
-    if runs.empty:
+    """Write the whole report folder atomically; returns the path of report.md. With grid axes: a summary of
+    every variant (a column per axis), then each variant's verdicts and tables, compared within the variant."""
+    variants = grid.variants(cfg)
+    loaded = {name: load_runs(vcfg) for name, vcfg in variants.items()}
+    if all(runs.empty for runs, _, _ in loaded.values()):
         raise HFPruneError(f"no metrics JSON of this config's cells under {experiment_dir(cfg) / 'metrics'}; "
                            "run the evaluate jobs first")
-    cells = aggregate(runs)
     out_dir = Path(out_dir) if out_dir is not None else experiment_dir(cfg) / "report"
-    ev = cfg["evaluation"]
     with atomic_path(out_dir) as root:
         root.mkdir()
-        lines = _header(cfg)
-        if missing:
-            lines += [f"**{len(missing)} configured cell draw(s) have no metrics yet:** "
-                      + ", ".join(f"{m}/{c}/r{r}{'' if s is None else f'/s{s}'}{' +LoRA' if rec else ''}"
-                                  for m, c, r, rec, s in missing), ""]
-        verdicts, sections = _verdict_intro(cfg), []
-        for entry in cfg["models"]:
-            model, paper_name = entry["name"], entry.get("paper_name") if cfg["report"]["paper_reference"] else None
-            plans = load_plans(cfg, model)
-            records = load_records(cfg, model, cells)
-            mine = _with_intervals(_params_from_plans(cells[cells["model"] == model], plans), records, columns)
-            if mine.empty:
+        lines, verdicts, sections, cells = _header(cfg), _verdict_intro(cfg), [], {}
+        for name, vcfg in variants.items():
+            runs, columns, missing = loaded[name]
+            if missing:
+                lines += [f"**{len(missing)} configured cell draw(s){f' of variant `{name}`' if name else ''} have "
+                          "no metrics yet:** " + ", ".join(
+                              f"{m}/{c}/r{r}{'' if s is None else f'/s{s}'}{' +LoRA' if rec else ''}"
+                              for m, c, r, rec, s in missing), ""]
+            if runs.empty:
                 continue
-            model_verdicts, marks = _verdicts(cfg, model, records, columns, root)
-            verdicts += model_verdicts
-            task_columns = list(dict.fromkeys(columns.values()))
-            sections += [f"## {model} ({entry.get('family', 'family unresolved')}, `{entry['source']}`)", ""]
-            tables = root / "tables"
-            _section(sections, "Accuracy, perplexity, fidelity, size (Table 1 form)",
-                     main_table(mine, task_columns, cfg["ratios"], paper_name), tables / f"{model}.main", root,
-                     "Accuracy in % with its 95 % CI over the n docs per task (Wilson; the average: cluster-robust "
-                     "over tasks), averaged over calibration seeds; perplexity and fidelity: mean ± sd over seeds. "
-                     "The dense row is **not fine-tuned**; `+LoRA` rows are after LoRA recovery; `(paper)` rows "
-                     "are the paper's figures (pruned rows after LoRA recovery, 2 epochs LaMini; their average is "
-                     "over the paper's 10 tasks, ours over the columns our suite has)." )
-            _section(sections, "Criterion ablation, average accuracy % without fine-tuning (Table 6 form)",
-                     ablation_table(mine, cfg["criteria"], paper_name, marks), tables / f"{model}.ablation", root,
-                     "95 % CIs; the mark says whether the paired difference from the baseline is significant "
-                     "(Holm, see Verdicts): ≈ = indistinguishable. Never read a ranking into ≈ cells."
-                     + (f" Dense average: {_number(mine[mine['criterion'] == 'dense']['average'].iloc[0], '.1f')}."
-                        if (mine["criterion"] == "dense").any() else ""))
-            _section(sections, "Output fidelity to the dense model, without fine-tuning (Table 7 form)",
-                     fidelity_table(mine, cfg["criteria"], paper_name), tables / f"{model}.fidelity", root,
-                     "JS = Jensen-Shannon distance of the next-token distributions (lower is closer); "
-                     f"top-k Jaccard of the top-{ev['fidelity']['top_k']} token sets; mean ± sd over seeds.")
-            if ev["efficiency"]["enabled"]:
-                _section(sections, "Size and speed (Table 4 form)", efficiency_table(mine, paper_name),
-                         tables / f"{model}.efficiency", root,
-                         f"Medians of {ev['efficiency']['repeats']} alternating dense/pruned repeats on this "
-                         "machine's device; ratios to dense with [min-max] of the per-repeat ratios. The paper's "
-                         "rows are on one A6000.")
-            sections += _plots(mine, plans, model, root)
-        cost = scoring_cost(cfg)
-        if not cost.empty:
-            paper = reference("table5_scoring_cost")
-            paper = paper[paper["model"].isin({m.get("paper_name") for m in cfg["models"]})]
-            cost = pd.concat([cost, paper.assign(source="paper")], ignore_index=True).astype({"jobs": "Int64"})
-            _section(sections, "Scoring cost (Table 5 form)", cost, root / "tables" / "scoring_cost", root,
-                     "Mean wall time and peak memory of the score jobs (over seeds; paper: peak GPU memory).")
+            mine, theirs, cells[name] = _variant_report(vcfg, runs, columns, root, f"{name}/" if name else "")
+            if name:
+                mine, theirs = _demote(mine), _demote(theirs)
+                verdicts += [f"### variant `{name}`", ""]
+                sections += [f"## variant `{name}`", ""]
+            verdicts += mine
+            sections += theirs
+        if cfg["grid"]:
+            summary = []
+            _section(summary, "Every variant (one row per variant x cell)",
+                     grid_summary({n: variants[n] for n in cells}, cells), root / "tables" / "grid_summary", root,
+                     "Means over calibration seeds (perplexity: geometric), ± sd over seeds; the verdicts below "
+                     "compare criteria within each variant only.")
+            axes = "; ".join(f"`{path}`: {', '.join(map(str, values))}" for path, values in cfg["grid"].items())
+            lines += ["## Grid", "", (f"{len(variants)} variants, the product of the axes {axes} (each overrides "
+                                      "the setting above). A variant is named `<axis>-<value>_...`."), ""] + summary
         (root / "report.md").write_text("\n".join(lines + verdicts + ["# Tables and plots", ""] + sections).rstrip()
                                         + "\n")
     return out_dir / "report.md"
 
 
-def _plots(cells: pd.DataFrame, plans: dict[str, dict], model: str, root: Path) -> list[str]:
-    plots = root / "plots"
+def _plots(cells: pd.DataFrame, plans: dict[str, dict], model: str, root: Path, prefix: str) -> list[str]:
+    plots = root / "plots" / f"{prefix}{model}"  # plus .<plot>.png
     made = []
     if cells["average"].notna().any():  # a grid with evaluation.suite `none` has no accuracy to plot
-        made.append(plot_metric_vs_ratio(cells, ["average"], plots / f"{model}.avg_vs_ratio.png",
+        made.append(plot_metric_vs_ratio(cells, ["average"], plots.with_name(f"{plots.name}.avg_vs_ratio.png"),
                                          f"{model}: average accuracy vs ratio (95 % CI)", "average accuracy (%)"))
     ppl = [c for c in cells.columns if c.startswith("ppl_") and not c.endswith("_sd")]
     if ppl:
-        made.append(plot_metric_vs_ratio(cells, ppl, plots / f"{model}.ppl_vs_ratio.png",
+        made.append(plot_metric_vs_ratio(cells, ppl, plots.with_name(f"{plots.name}.ppl_vs_ratio.png"),
                                          f"{model}: perplexity vs ratio (± sd over seeds)", "perplexity", log=True,
                                          band="sd"))
     if plans:
-        made.append(plot_neurons_kept(plans, plots / f"{model}.neurons_kept.png", f"{model}: neurons kept"))
+        made.append(plot_neurons_kept(plans, plots.with_name(f"{plots.name}.neurons_kept.png"), f"{model}: neurons kept"))
     lines = ["### Plots", ""]
     lines += [f"![{p.stem}]({os.path.relpath(p, root)})" for p in made]
     return lines + [""]

@@ -276,7 +276,7 @@ class StageRun:
 
 
 def run_name(stage: str, criterion: str | None, ratio: float | None, recovered: bool,
-             seed: int | None = None) -> str:
+             seed: int | None = None, variant: str = "") -> str:
     from hfprune.plan import format_ratio
 
     cell = criterion or "dense"
@@ -284,13 +284,22 @@ def run_name(stage: str, criterion: str | None, ratio: float | None, recovered: 
         cell += f" s{seed}"
     if ratio is not None:
         cell += f" r{format_ratio(ratio)}"
-    return f"{stage}: {cell}{' +LoRA' if recovered else ''}"
+    return f"{stage}: {cell}{' +LoRA' if recovered else ''}{f' [{variant}]' if variant else ''}"
 
 
-def job_params(cfg: dict, model: str, criterion: str | None, ratio: float | None, recovered: bool,
-               variant: str = "default") -> dict:
-    """What identifies a job's inputs: the cell, the settings that shape it, and package versions. `seed` is
-    the calibration seed (the UI's filter on the calibration sample); `global_seed` the config's `seed`."""
+def variant_name(cfg: dict) -> str:
+    """The grid point a job runs (hfprune.grid): its name, "default" without a grid axis."""
+    from hfprune.grid import name, point_values
+
+    return name(point_values(cfg)) or "default"
+
+
+def job_params(cfg: dict, model: str, criterion: str | None, ratio: float | None, recovered: bool) -> dict:
+    """What identifies a job's inputs: the cell, the settings that shape it, its grid point (variant name and
+    axis values, `grid.<path>`) and package versions. `seed` is the calibration seed (the UI's filter on the
+    calibration sample); `global_seed` the config's `seed`."""
+    from hfprune.grid import point_values
+
     entry = model_entry(cfg, model)
     cal = cfg["calibration"]
     params = {
@@ -298,8 +307,8 @@ def job_params(cfg: dict, model: str, criterion: str | None, ratio: float | None
         "criterion": criterion or "dense", "ratio": ratio if ratio is not None else 0.0, "recovered": recovered,
         "allocation": cfg["pruning"]["allocation"], "scope": cfg["pruning"]["scope"],
         "calibration": {**cal, "tokens": cal["num_sequences"] * cal["seq_len"]},
-        "seed": cal["seed"], "global_seed": cfg["seed"], "variant": variant, "dtype": cfg["dtype"],
-        "device": cfg["device"],
+        "seed": cal["seed"], "global_seed": cfg["seed"], "variant": variant_name(cfg),
+        "grid": point_values(cfg), "dtype": cfg["dtype"], "device": cfg["device"],
         "versions": package_versions(),
     }
     if criterion in cfg["criterion_options"]:
@@ -311,10 +320,11 @@ def job_params(cfg: dict, model: str, criterion: str | None, ratio: float | None
 
 @contextlib.contextmanager
 def stage_run(cfg: dict, *, model: str, stage: str, criterion: str | None = None, ratio: float | None = None,
-              recovered: bool = False, variant: str = "default") -> Iterator[StageRun]:
+              recovered: bool = False) -> Iterator[StageRun]:
     """Open the job's child run (RUNNING) under the model's parent run; close it FINISHED, or FAILED/KILLED
-    if the block raises (the exception propagates). Model, criterion, ratio, calibration seed and `variant`
-    are both params and tags, so the UI can filter on either."""
+    if the block raises (the exception propagates). Model, criterion, ratio, calibration seed and the grid
+    variant are both params and tags, so the UI can filter on either."""
+    variant = variant_name(cfg)
     if not cfg["tracking"]["enabled"]:
         yield StageRun()
         return
@@ -333,7 +343,8 @@ def stage_run(cfg: dict, *, model: str, stage: str, criterion: str | None = None
         seed = cfg["calibration"]["seed"] if criterion else None  # the dense row has no calibration draw
         tags.update({HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
                      PID_START_TAG: str(_process_start(os.getpid()))})
-        child = store.call("create_run", exp_id, run_name=run_name(stage, criterion, ratio, recovered, seed),
+        label = "" if variant == "default" else variant
+        child = store.call("create_run", exp_id, run_name=run_name(stage, criterion, ratio, recovered, seed, label),
                            tags=tags)
     except HFPruneError:
         raise  # an unreachable server: stop before any work rather than run a grid nobody can follow
@@ -346,7 +357,7 @@ def stage_run(cfg: dict, *, model: str, stage: str, criterion: str | None = None
     run = StageRun(store, child.info.run_id)
     status = "FAILED"
     try:
-        run.log_params(job_params(cfg, model, criterion, ratio, recovered, variant))
+        run.log_params(job_params(cfg, model, criterion, ratio, recovered))
         yield run
         status = "FINISHED"
     except KeyboardInterrupt:

@@ -3,7 +3,7 @@ difference A - B with its 95 % CI, p-value (Holm-corrected as in the report), th
 difference the grid can detect, per measure. The numbers are the report's Verdict table's for the same pair."""
 
 from hfprune.commands import add_config_argument, add_model_argument
-from hfprune.config import load_config
+from hfprune.config import load_job_config
 
 HELP = "paired comparison of two cells (criteria or `dense`) from their per-unit records"
 
@@ -40,7 +40,7 @@ def run(args) -> int:
     from hfprune.plan import format_ratio
     from hfprune.report import verdict_tables
 
-    cfg = load_config(args.config)
+    cfg = load_job_config(args.config)
     model_entry(cfg, args.model)
     if format_ratio(args.ratio) not in {format_ratio(r) for r in cfg["ratios"]}:
         raise ConfigError(f"--ratio {args.ratio} is not one of the config's ratios "

@@ -2,7 +2,7 @@
 metrics JSON: lm-eval zero-shot accuracy, perplexity, fidelity to the dense model and efficiency."""
 
 from hfprune.commands import add_config_argument, add_model_argument
-from hfprune.config import load_config
+from hfprune.config import load_job_config
 
 HELP = "zero-shot accuracy, perplexity, fidelity and speed of one cell -> metrics JSON"
 
@@ -20,7 +20,7 @@ def run(args) -> int:
     from hfprune.evaluation import run_evaluation
     from hfprune.limits import check_job
 
-    cfg = load_config(args.config)
+    cfg = load_job_config(args.config)
     check_job(cfg, args.model, "evaluate", source=args.config)
     with tracking.cell_run(cfg, args.model, "evaluate", args.plan, recovered=args.recovered is not None) as mlflow_run:
         result = run_evaluation(cfg, args.model, plan_path=args.plan, recovered_dir=args.recovered, out_path=args.out)

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from hfprune.commands import add_config_argument, add_model_argument
-from hfprune.config import load_config, model_entry
+from hfprune.config import load_job_config, model_entry
 from hfprune.errors import HFPruneError
 
 HELP = "scores + ratio (fraction of all parameters removed) -> kept neurons per layer (plan JSON)"
@@ -43,7 +43,7 @@ def run(args) -> int:
     from hfprune.plan import format_ratio, make_plan
     from hfprune.runtime import read_safetensors, reading, write_json
 
-    cfg = load_config(args.config)
+    cfg = load_job_config(args.config)
     spec = ModelSpec.from_config(model_entry(cfg, args.model))
     scores_path = Path(args.scores)
     if not scores_path.is_file():

@@ -1,7 +1,7 @@
 """Physically prune a model with a plan and save it as an HF folder (uniform plans load with plain HF)."""
 
 from hfprune.commands import add_config_argument, add_model_argument
-from hfprune.config import load_config, model_entry
+from hfprune.config import load_job_config, model_entry
 
 HELP = "apply a plan: slice the model's Linear layers and save the pruned checkpoint"
 
@@ -19,7 +19,7 @@ def run(args) -> int:
     from hfprune.models import ModelSpec, ensure_available, load_model
     from hfprune.surgery import prune_model, read_plan, save_pruned
 
-    cfg = load_config(args.config)
+    cfg = load_job_config(args.config)
     spec = ModelSpec.from_config(model_entry(cfg, args.model))
     plan = read_plan(args.plan, spec.name, AutoConfig.from_pretrained(ensure_available(spec, cfg["resources_dir"])))
     model, tok = load_model(spec, cfg["resources_dir"], dtype=cfg["dtype"])

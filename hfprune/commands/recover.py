@@ -6,7 +6,7 @@ untouched and the adapter unmerged in OUT/adapter/ (hfprune.recovery.load_recove
 The offline default data (`recovery.data: calibration`) is a smoke recovery; `lamini` is the paper's."""
 
 from hfprune.commands import add_config_argument, add_model_argument
-from hfprune.config import load_config
+from hfprune.config import load_job_config
 
 HELP = "LoRA recovery fine-tuning of a pruned model; saves the checkpoint (merged, or + unmerged adapter) + recovery.json"
 
@@ -23,7 +23,7 @@ def run(args) -> int:
     from hfprune.limits import check_job
     from hfprune.recovery import run_recovery
 
-    cfg = load_config(args.config)
+    cfg = load_job_config(args.config)
     check_job(cfg, args.model, "recover", source=args.config)
     with tracking.cell_run(cfg, args.model, "recover", args.plan, recovered=True) as mlflow_run:
         summary = run_recovery(cfg, args.model, args.plan, args.out)

@@ -1,7 +1,7 @@
 """Score every MLP neuron of one model with one criterion; writes <out>.safetensors + <out>.json (sidecar)."""
 
 from hfprune.commands import add_config_argument, add_model_argument
-from hfprune.config import load_config, with_seed
+from hfprune.config import load_job_config, with_seed
 
 HELP = "score MLP neurons of a model with a criterion (once per model x criterion)"
 
@@ -21,7 +21,7 @@ def run(args) -> int:
     from hfprune.limits import check_job
     from hfprune.scorer import run_scoring
 
-    cfg = with_seed(load_config(args.config), args.model, args.seed)
+    cfg = with_seed(load_job_config(args.config), args.model, args.seed)
     check_job(cfg, args.model, "score", [args.criterion], source=args.config)  # before any weight or MLflow run
     with tracking.stage_run(cfg, model=args.model, stage="score", criterion=args.criterion) as mlflow_run:
         summary = run_scoring(cfg, args.model, args.criterion, args.out, ratio=args.ratio)

@@ -10,17 +10,23 @@ import sys
 import yaml
 from snakemake.settings.types import DeploymentMethod
 
+from hfprune import grid, layout
 from hfprune.assets import ASSET_MARKER, EMBEDDED_MODELS
-from hfprune.config import cell_seeds, per_ratio, score_ratios, score_stem
+from hfprune.config import cell_seeds, per_ratio, score_ratios
 from hfprune.data import content_digest
+from hfprune.evaluation.records import records_path
 from hfprune.models import ModelSpec, embedded_dir
 from hfprune.plan import format_ratio
 from hfprune.runtime import atomic_path
 
 EXP = f"{config['results_dir']}/{config['experiment']}"
-# The validated config (defaults filled in, --config overrides applied) that every job reads; written by
-# `onstart` below, i.e. not on dry runs, and only when its content changes.
+# The validated config (defaults filled in, --config overrides applied); written by `onstart` below, i.e. not on
+# dry runs, and only when its content changes. Without a `grid` every job reads it.
 RUN_CONFIG = f"{EXP}/config.yaml"
+# Grid variants (hfprune.grid): each job runs with a "point", its variant projected onto the axes its stage chain
+# reads, and writes under `<stage>/<point>/`; the point "" (no axis) keeps the paths of a grid-less config.
+VARIANTS = grid.variants(config)  # name -> config of every variant ({"": config} without a grid)
+POINTS = grid.points(config)  # name -> config of every variant and projection a job runs with
 LOGS, BENCH = f"{EXP}/logs", f"{EXP}/benchmarks"
 REPORT = f"{EXP}/report"  # the folder: report.md, tables/, plots/ (written at once)
 
@@ -47,6 +53,7 @@ def _alternatives(names):
 
 
 wildcard_constraints:
+    v=f"(?:{_alternatives(map(grid.folder, POINTS))})",  # the point's folder: "" or "<name>/"
     model=_alternatives(MODELS),
     criterion=_alternatives(CRITERIA),
     ratio=_alternatives(RATIOS),
@@ -64,8 +71,27 @@ def asset_marker(wildcards):
     return asset_output(spec.source) if spec.kind == "embedded" else []
 
 
-def _lookup(key):
-    value = config
+def _point_name(wildcards):
+    return grid.folder_name(wildcards.v) if "v" in wildcards.keys() else None
+
+
+def point(wildcards):
+    """The config of a job's point (the run's config for a job without the `v` wildcard)."""
+    name = _point_name(wildcards)
+    return config if name is None else POINTS[name]
+
+
+def config_file(name):
+    """The config file the jobs of point `name` read: the run's config without a grid (or for name None)."""
+    return RUN_CONFIG if not config["grid"] or name is None else f"{EXP}/configs/{name or 'base'}.yaml"
+
+
+def job_config(wildcards):
+    return config_file(_point_name(wildcards))
+
+
+def _lookup(cfg, key):
+    value = cfg
     for part in key.split("."):
         value = value[part]
     return value
@@ -77,12 +103,13 @@ def settings(*keys):
     reruns exactly the jobs affected by a config edit."""
 
     def digest(wildcards):
-        used = {key: _lookup(key) for key in keys}
+        cfg = point(wildcards)
+        used = {key: _lookup(cfg, key) for key in keys if key != grid.OPTIONS}
         names = wildcards.keys()
         # a model's seed list is an axis (the `seed` wildcard), not a setting of its jobs
         used["model"] = {k: v for k, v in MODELS[wildcards.model].items() if k != "seeds"} if "model" in names else None
         crit = wildcards.criterion if "criterion" in names else None
-        used["options"] = config["criterion_options"].get(crit)
+        used["options"] = cfg["criterion_options"].get(crit)
         texts = content_digest(used)  # the content of the config's own text files, not only their paths
         if texts:
             used["texts"] = texts
@@ -91,50 +118,59 @@ def settings(*keys):
     return digest
 
 
-COMPUTE = ("seed", "dtype", "device", "device_map")
-# what a score job reads of `calibration`: its seed is the job's `seed` wildcard, not the seeds list
-CALIBRATION = ("calibration.source", "calibration.sampling", "calibration.num_sequences", "calibration.seq_len", "calibration.batch_size")
+def with_records(metrics):
+    """A metrics JSON and, beside it, its per-unit records (the evaluate rules' named outputs)."""
+    return {"metrics": metrics, "units": str(records_path(metrics))}
 
 
-def score_path(model, criterion, seed, ratio=None):
-    """A criterion with per-ratio options (criterion_options.<c>.by_ratio) has one score file per ratio."""
-    return f"{EXP}/scores/{model}/{score_stem(criterion, seed, ratio)}.safetensors"
+def _input_point(wildcards, chain):
+    """The `v` of a job's input made by the stage chain `chain`: the job's point projected onto that chain."""
+    return grid.variant_dir(point(wildcards), chain, wildcards.criterion)
 
 
-def plan_scores(wildcards):
+def plan_scores(w):
     """The score file a plan reads: the ratio's own for a per-ratio criterion, else the shared one."""
-    ratio = wildcards.ratio if per_ratio(config, wildcards.criterion) else None
-    return score_path(wildcards.model, wildcards.criterion, wildcards.seed, ratio)
+    ratio = w.ratio if per_ratio(point(w), w.criterion) else None
+    return layout.score_file(EXP, _input_point(w, "score"), w.model, w.criterion, w.seed, ratio)
 
 
-def score_sidecars():
-    return [f"{EXP}/scores/{m}/{score_stem(c, s, r)}.json" for m, c, s in cells() for r in score_ratios(config, c)]
+def cell_plan(w):
+    return layout.plan_file(EXP, _input_point(w, "plan"), w.model, w.criterion, w.seed, w.ratio)
 
 
-def plan_path(model, criterion, seed, ratio):
-    return f"{EXP}/plans/{model}/{criterion}/s{seed}/r{ratio}.json"
+def cell_recovered(w):
+    return layout.recovered_dir(EXP, _input_point(w, "recover"), w.model, w.criterion, w.seed, w.ratio)
 
 
-def cell_metrics(model, criterion, seed, ratio, recovered=False):
-    """A pruned cell's metrics JSON and, beside it, its per-unit records (the evaluate rules' named outputs)."""
-    base = f"{EXP}/metrics/{model}/{criterion}/s{seed}/r{ratio}{'.recovered' if recovered else ''}"
-    return {"metrics": f"{base}.json", "units": f"{base}.units.parquet"}
-
-
-def cells():
+def cells(cfg):
     """(model, criterion, seed) of every scored cell: seeded criteria once per calibration seed of the model."""
-    return [(m, c, s) for m in MODELS for c in CRITERIA for s in cell_seeds(config, m, c)]
+    return [(m, c, s) for m in MODELS for c in CRITERIA for s in cell_seeds(cfg, m, c)]
 
 
-def metrics_paths():
-    """Every cell the report needs: dense once per model, criterion x seed x ratio, recovered ones if enabled."""
-    paths = [f"{EXP}/metrics/{m}/dense.{ext}" for m in MODELS for ext in ("json", "units.parquet")]
-    for m, c, s in cells():
-        for r in RATIOS:
-            paths += cell_metrics(m, c, s, r).values()
-            if RECOVERY:
-                paths += cell_metrics(m, c, s, r, recovered=True).values()
-    return paths
+def report_inputs():
+    """What the report reads of every variant: metrics (dense once per model, criterion x seed x ratio,
+    recovered ones if enabled), plans and score sidecars."""
+    paths = []
+    for cfg in VARIANTS.values():
+        for m in MODELS:
+            paths += with_records(layout.dense_metrics(EXP, grid.variant_dir(cfg, "evaluate_dense"), m)).values()
+        for m, c, s in cells(cfg):
+            v = {chain: grid.variant_dir(cfg, chain, c) for chain in grid.CHAINS}
+            paths += [layout.score_file(EXP, v["score"], m, c, s, r, ".json") for r in score_ratios(cfg, c)]
+            for r in RATIOS:
+                paths.append(layout.plan_file(EXP, v["plan"], m, c, s, r))
+                paths += with_records(layout.cell_metrics(EXP, v["evaluate_pruned"], m, c, s, r)).values()
+                if RECOVERY:
+                    recovered = layout.cell_metrics(EXP, v["evaluate_recovered"], m, c, s, r, recovered=True)
+                    paths += with_records(recovered).values()
+    return list(dict.fromkeys(paths))  # variants share the files of their common points
+
+
+def _write(path, cfg):
+    text = yaml.safe_dump(dict(cfg), sort_keys=False)
+    if not os.path.isfile(path) or open(path).read() != text:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
 
 
 onstart:
@@ -142,7 +178,7 @@ onstart:
     from hfprune.tracking import close_stale_runs
 
     close_stale_runs(config)
-    text = yaml.safe_dump(dict(config), sort_keys=False)
-    if not os.path.isfile(RUN_CONFIG) or open(RUN_CONFIG).read() != text:
-        with atomic_path(RUN_CONFIG) as tmp:
-            tmp.write_text(text)
+    _write(RUN_CONFIG, config)
+    if config["grid"]:  # every point's config, where job_config finds it
+        for name, cfg in POINTS.items():
+            _write(config_file(name), cfg)

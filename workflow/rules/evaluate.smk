@@ -1,7 +1,7 @@
 # One metrics JSON + per-unit records (Parquet) per cell: the dense model once per model, each pruned plan,
 # each recovered model.
 
-EVAL_SETTINGS = settings("evaluation", *COMPUTE)
+EVAL_SETTINGS = settings(*grid.READS["evaluate"])
 
 
 rule evaluate_dense:
@@ -10,15 +10,14 @@ rule evaluate_dense:
     input:
         asset=asset_marker,
     output:
-        metrics=f"{EXP}/metrics/{{model}}/dense.json",
-        units=f"{EXP}/metrics/{{model}}/dense.units.parquet",
+        **with_records(layout.dense_metrics(EXP, "{v}", "{model}")),
     log:
-        f"{LOGS}/evaluate/{{model}}/dense.log",
+        f"{LOGS}/evaluate/{{v}}{{model}}/dense.log",
     benchmark:
-        f"{BENCH}/evaluate/{{model}}/dense.tsv"
+        f"{BENCH}/evaluate/{{v}}{{model}}/dense.tsv"
     params:
         hfprune=HFPRUNE_GPU,
-        config=RUN_CONFIG,
+        config=job_config,
         settings=EVAL_SETTINGS,
     threads: 4
     resources:
@@ -35,16 +34,16 @@ rule evaluate_pruned:
         ENV
     input:
         asset=asset_marker,
-        plan=plan_path("{model}", "{criterion}", "{seed}", "{ratio}"),
+        plan=cell_plan,
     output:
-        **cell_metrics("{model}", "{criterion}", "{seed}", "{ratio}"),
+        **with_records(layout.cell_metrics(EXP, "{v}", "{model}", "{criterion}", "{seed}", "{ratio}")),
     log:
-        f"{LOGS}/evaluate/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.log",
+        f"{LOGS}/evaluate/{{v}}{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.log",
     benchmark:
-        f"{BENCH}/evaluate/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.tsv"
+        f"{BENCH}/evaluate/{{v}}{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.tsv"
     params:
         hfprune=HFPRUNE_GPU,
-        config=RUN_CONFIG,
+        config=job_config,
         settings=EVAL_SETTINGS,
     threads: 4
     resources:
@@ -61,17 +60,17 @@ rule evaluate_recovered:
         ENV
     input:
         asset=asset_marker,
-        plan=plan_path("{model}", "{criterion}", "{seed}", "{ratio}"),
-        recovered=rules.recover.output[0],
+        plan=cell_plan,
+        recovered=cell_recovered,
     output:
-        **cell_metrics("{model}", "{criterion}", "{seed}", "{ratio}", recovered=True),
+        **with_records(layout.cell_metrics(EXP, "{v}", "{model}", "{criterion}", "{seed}", "{ratio}", recovered=True)),
     log:
-        f"{LOGS}/evaluate/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.recovered.log",
+        f"{LOGS}/evaluate/{{v}}{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.recovered.log",
     benchmark:
-        f"{BENCH}/evaluate/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.recovered.tsv"
+        f"{BENCH}/evaluate/{{v}}{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.recovered.tsv"
     params:
         hfprune=HFPRUNE_GPU,
-        config=RUN_CONFIG,
+        config=job_config,
         settings=EVAL_SETTINGS,
     threads: 4
     resources:

@@ -8,15 +8,15 @@ rule plan:
         asset=asset_marker,
         scores=plan_scores,
     output:
-        plan_path("{model}", "{criterion}", "{seed}", "{ratio}"),
+        layout.plan_file(EXP, "{v}", "{model}", "{criterion}", "{seed}", "{ratio}"),
     log:
-        f"{LOGS}/plan/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.log",
+        f"{LOGS}/plan/{{v}}{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.log",
     benchmark:
-        f"{BENCH}/plan/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.tsv"
+        f"{BENCH}/plan/{{v}}{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.tsv"
     params:
         hfprune=HFPRUNE,
-        config=RUN_CONFIG,
-        settings=settings("pruning"),
+        config=job_config,
+        settings=settings(*grid.READS["plan"]),
     threads: 1
     resources:
         mem_mb=4000,

@@ -6,17 +6,17 @@ rule recover:
         ENV
     input:
         asset=asset_marker,
-        plan=plan_path("{model}", "{criterion}", "{seed}", "{ratio}"),
+        plan=cell_plan,
     output:
-        directory(f"{EXP}/recovered/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}"),
+        directory(layout.recovered_dir(EXP, "{v}", "{model}", "{criterion}", "{seed}", "{ratio}")),
     log:
-        f"{LOGS}/recover/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.log",
+        f"{LOGS}/recover/{{v}}{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.log",
     benchmark:
-        f"{BENCH}/recover/{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.tsv"
+        f"{BENCH}/recover/{{v}}{{model}}/{{criterion}}/s{{seed}}/r{{ratio}}.tsv"
     params:
         hfprune=HFPRUNE_GPU,
-        config=RUN_CONFIG,
-        settings=settings("recovery", *COMPUTE),
+        config=job_config,
+        settings=settings(*grid.READS["recover"]),
     threads: 4
     resources:
         gpu=GPU,

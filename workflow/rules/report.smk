@@ -6,9 +6,7 @@ rule report:
     conda:
         ENV
     input:
-        metrics=metrics_paths(),
-        plans=[plan_path(m, c, s, r) for m, c, s in cells() for r in RATIOS],
-        scores=score_sidecars(),
+        report_inputs(),
     output:
         report(
             directory(REPORT),
@@ -23,7 +21,7 @@ rule report:
     params:
         hfprune=HFPRUNE,
         config=RUN_CONFIG,
-        settings=settings("report", "evaluation", "calibration", "recovery"),
+        settings=settings("report", "evaluation", "calibration", "recovery", "grid"),
     threads: 1
     resources:
         mem_mb=4000,

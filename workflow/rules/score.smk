@@ -11,16 +11,16 @@ rule score:
     input:
         asset=asset_marker,
     output:
-        scores=score_path("{model}", "{criterion}", "{seed}"),
-        meta=f"{EXP}/scores/{{model}}/{{criterion}}/s{{seed}}.json",
+        scores=layout.score_file(EXP, "{v}", "{model}", "{criterion}", "{seed}"),
+        meta=layout.score_file(EXP, "{v}", "{model}", "{criterion}", "{seed}", suffix=".json"),
     log:
-        f"{LOGS}/score/{{model}}/{{criterion}}/s{{seed}}.log",
+        f"{LOGS}/score/{{v}}{{model}}/{{criterion}}/s{{seed}}.log",
     benchmark:
-        f"{BENCH}/score/{{model}}/{{criterion}}/s{{seed}}.tsv"
+        f"{BENCH}/score/{{v}}{{model}}/{{criterion}}/s{{seed}}.tsv"
     params:
         hfprune=HFPRUNE_GPU,
-        config=RUN_CONFIG,
-        settings=settings(*CALIBRATION, "scoring", "pruning.scope", *COMPUTE),
+        config=job_config,
+        settings=settings(*grid.READS["score"]),
     threads: 4
     resources:
         gpu=GPU,
@@ -38,16 +38,16 @@ rule score_by_ratio:
     input:
         asset=asset_marker,
     output:
-        scores=score_path("{model}", "{criterion}", "{seed}", "{ratio}"),
-        meta=f"{EXP}/scores/{{model}}/{{criterion}}/s{{seed}}.r{{ratio}}.json",
+        scores=layout.score_file(EXP, "{v}", "{model}", "{criterion}", "{seed}", "{ratio}"),
+        meta=layout.score_file(EXP, "{v}", "{model}", "{criterion}", "{seed}", "{ratio}", ".json"),
     log:
-        f"{LOGS}/score/{{model}}/{{criterion}}/s{{seed}}.r{{ratio}}.log",
+        f"{LOGS}/score/{{v}}{{model}}/{{criterion}}/s{{seed}}.r{{ratio}}.log",
     benchmark:
-        f"{BENCH}/score/{{model}}/{{criterion}}/s{{seed}}.r{{ratio}}.tsv"
+        f"{BENCH}/score/{{v}}{{model}}/{{criterion}}/s{{seed}}.r{{ratio}}.tsv"
     params:
         hfprune=HFPRUNE_GPU,
-        config=RUN_CONFIG,
-        settings=settings(*CALIBRATION, "scoring", "pruning.scope", *COMPUTE),
+        config=job_config,
+        settings=settings(*grid.READS["score"]),
     threads: 4
     resources:
         gpu=GPU,
