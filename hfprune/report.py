@@ -479,8 +479,9 @@ def _save(fig, out_png) -> Path:
 def _errors(frame: pd.DataFrame, metric: str, band: str):
     """Error bar lengths: `ci` from <metric>_lo/_hi, `sd` from <metric>_sd; None where absent."""
     if band == "ci" and f"{metric}_lo" in frame.columns:
-        return np.vstack([(frame[metric] - frame[f"{metric}_lo"]).to_numpy(float),
-                          (frame[f"{metric}_hi"] - frame[metric]).to_numpy(float)])
+        # clipped: a zero-width interval (one doc per task) can come out as -1e-15 below its point
+        return np.clip(np.vstack([(frame[metric] - frame[f"{metric}_lo"]).to_numpy(float),
+                                  (frame[f"{metric}_hi"] - frame[metric]).to_numpy(float)]), 0, None)
     if band == "sd" and f"{metric}_sd" in frame.columns:
         return np.nan_to_num(frame[f"{metric}_sd"].to_numpy(float))
     return None

@@ -57,15 +57,17 @@ def minimum_detectable(se: float, clusters: int, alpha: float = ALPHA, power: fl
 def paired_difference(diffs, clusters=None, strata=None, alpha: float = ALPHA) -> Paired:
     """Inference on per-unit differences `diffs` (A - B on the same unit).
 
-    clusters: one label per unit (units of a label are not independent); None = every unit its own cluster.
+    clusters: one label per unit (units of a label within a stratum are not independent); None = every unit its
+    own cluster.
     strata: one label per unit (e.g. the task); the estimate is the unweighted mean of the strata means.
     """
     d = np.asarray(diffs, dtype=np.float64)
     n = d.size
     if n == 0:
         return Paired(math.nan, math.nan, math.nan, math.nan, math.nan, 0, 0, math.nan)
-    groups = np.arange(n) if clusters is None else _codes(clusters)
     strata_codes = np.zeros(n, dtype=int) if strata is None else _codes(strata)
+    # clusters nest in strata: doc 3 of one task and doc 3 of another are different contexts
+    groups = np.arange(n) if clusters is None else _codes(f"{s}|{c}" for s, c in zip(strata_codes, clusters))
     k = int(strata_codes.max()) + 1
     design = np.zeros((n, k))
     design[np.arange(n), strata_codes] = 1.0
@@ -73,11 +75,12 @@ def paired_difference(diffs, clusters=None, strata=None, alpha: float = ALPHA) -
     means = np.array([d[strata_codes == j].mean() for j in range(k)])
     diff = float(contrast @ means)
     g = int(groups.max()) + 1
-    residual = d - means[strata_codes]
-    if not np.any(np.abs(residual) > 1e-12 * max(1.0, float(np.abs(d).max()))):
-        # no spread at all (e.g. a cell against itself): the difference is exact
+    tol = 1e-12 * max(1.0, float(np.abs(d).max()))
+    if np.ptp(d) <= tol:
+        # every unit differs by the same amount (e.g. a cell against itself): the difference is exact
         return Paired(diff, diff, diff, 0.0, 1.0 if diff == 0 else 0.0, n, g, 0.0)
-    if g < 2:
+    if g < 2 or not np.any(np.abs(d - means[strata_codes]) > tol):
+        # one cluster, or one unit per stratum (e.g. one doc per task): nothing estimates the spread
         return Paired(diff, math.nan, math.nan, math.nan, math.nan, n, g, math.nan)
     import statsmodels.api as sm
 

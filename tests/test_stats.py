@@ -77,6 +77,23 @@ def test_identical_cells_give_zero_with_a_zero_width_interval():
     assert (got.diff, got.lo, got.hi, got.p) == (0.0, 0.0, 0.0, 1.0)
 
 
+def test_one_unit_per_stratum_has_no_interval():
+    """Ten tasks with one doc each: the strata means are the units, nothing estimates their spread (a zero-width
+    interval here once marked a 1-doc-per-task rehearsal's accuracy differences "worse" at p = 0)."""
+    out = paired_difference([0.0, 1.0, -1.0, 0.0, 1.0, 0.0, 0.0, -1.0, 1.0, 1.0], strata=list("abcdefghij"))
+    assert out.diff == pytest.approx(0.2)
+    assert math.isnan(out.lo) and math.isnan(out.hi) and math.isnan(out.p) and math.isnan(out.mde)
+
+
+def test_clusters_nest_in_strata():
+    """Two tasks both numbering their docs 0..n-1: doc 3 of one task and doc 3 of the other are not one cluster."""
+    rng = np.random.default_rng(1)
+    d, ids, tasks = rng.normal(size=40), np.tile(np.arange(20), 2), np.repeat(["arc", "piqa"], 20)
+    shared = paired_difference(d, ids, tasks)
+    assert shared.clusters == 40
+    assert shared == paired_difference(d, [f"{t}/{i}" for t, i in zip(tasks, ids)], tasks)
+
+
 def test_holm_by_hand_and_nan_kept():
     # sorted 0.01, 0.03, 0.04 -> 0.03, 0.06, max(0.06, 0.04) = 0.06
     assert holm([0.01, 0.04, 0.03, math.nan])[:3] == pytest.approx([0.03, 0.06, 0.06])
