@@ -3,6 +3,7 @@ and (marked `workflow`) a real run of config/smoke.yaml end to end, then a secon
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -18,6 +19,7 @@ from conftest import experiment_runs
 
 from hfprune import comparisons
 from hfprune.config import cell_seeds, per_ratio, validate_config
+from hfprune.report import criterion_label
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
@@ -179,7 +181,7 @@ def test_smoke_workflow_end_to_end(tmp_path, smollm2_dir):
 
     # tables: dense + every criterion at the ratio, with the task columns, perplexity, fidelity and size
     main = pd.read_csv(report_dir / "tables/smollm2-135m.main.csv")
-    assert main["method"].tolist() == ["dense", *cfg["criteria"]]
+    assert main["method"].tolist() == ["dense", *map(criterion_label, cfg["criteria"])]
     assert {"arc_easy", "boolq", "average", "ppl_wiki", "js_distance", "params"} <= set(main.columns)
     assert main[["arc_easy", "boolq", "average", "ppl_wiki", "params"]].notna().all().all()
     assert (main["params"].iloc[1:] < main["params"].iloc[0]).all()
@@ -280,3 +282,64 @@ def test_smoke_workflow_with_recovery_has_before_and_after_rows(tmp_path, smollm
         recover.info.run_id, "recovery_loss")
     assert [m.step for m in history] == [0, 1, 2] and all(m.value > 0 for m in history)
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def _absolute_fixture_paths(cfg: dict) -> dict:
+    """The rehearsal config's repository-relative data paths made absolute (the test runs in a temp folder)."""
+    cfg["hub_datasets_dir"] = str(ROOT / cfg["hub_datasets_dir"])
+    for fields in cfg["evaluation"]["task_data"].values():
+        files = fields["dataset_kwargs"]["data_files"]
+        for split, path in files.items():
+            files[split] = str(ROOT / path)
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.workflow
+def test_rehearsal_runs_the_paper_path(tmp_path, smollm2_dir):
+    """config/rehearsal.yaml, config/paper.yaml's code paths on CPU: bf16 with a device_map and gradient
+    checkpointing, C4 calibration per document, SDMPrune's per-ratio options, both Table 1 methods, paper10
+    through the stock task YAMLs on hub-format files, Wanda-protocol WikiText-2 / C4 perplexity, the released LoRA
+    recipe on LaMini (packed rows, unmerged adapter), every report form, MLflow."""
+    paper = validate_config(yaml.safe_load((ROOT / "config/paper.yaml").read_text()))
+    cfg = yaml.safe_load((ROOT / "config/rehearsal.yaml").read_text())
+    rehearsal = validate_config(cfg)
+    # the same settings as the paper wherever the rehearsal is not just smaller or local
+    for key in ("dtype", "criteria", "pruning", "scoring"):
+        assert rehearsal[key] == paper[key], key
+    for section, keys in (("calibration", ("source", "sampling", "batch_size")),
+                          ("evaluation", ("suite", "batch_size", "backend", "metrics")),
+                          ("recovery", ("enabled", "data", "recipe", "learning_rate", "schedule", "lora"))):
+        assert {k: rehearsal[section][k] for k in keys} == {k: paper[section][k] for k in keys}, section
+    assert rehearsal["evaluation"]["perplexity"]["sources"] == paper["evaluation"]["perplexity"]["sources"]
+    assert rehearsal["evaluation"]["perplexity"]["protocol"] == paper["evaluation"]["perplexity"]["protocol"]
+    assert rehearsal["device_map"] is not None and rehearsal["device"] == "cpu"
+
+    config = tmp_path / "rehearsal.yaml"
+    config.write_text(yaml.safe_dump(_absolute_fixture_paths(cfg)))
+    _snakemake(tmp_path, "--cores", "2", "--configfile", str(config), "--workflow-profile",
+               str(ROOT / "profiles/local"), "--config", f"resources_dir={Path(smollm2_dir).resolve().parent.parent}")
+    exp = tmp_path / "results" / cfg["experiment"]
+
+    main = pd.read_csv(exp / "report/tables/smollm2-135m.main.csv")
+    ours = main[main["source"] == "ours"]
+    crits = cfg["criteria"]
+    assert ours["method"].tolist() == ["dense"] + [f"{criterion_label(c)}{lora}" for c in crits for lora in ("", " +LoRA")]
+    tasks = ["arc_challenge", "arc_easy", "boolq", "crows_pairs", "openbookqa", "piqa", "race", "siqa",
+             "truthfulqa_mc2", "winogrande"]
+    assert ours[tasks + ["ppl_wikitext2", "ppl_c4"]].notna().all().all()
+    for c in crits:
+        metrics = json.loads((exp / f"metrics/smollm2-135m/{c}/s0/r0.2.recovered.json").read_text())
+        assert metrics["meta"]["recovered_adapter"]
+        assert {s: p["protocol"] for s, p in metrics["perplexity"].items()} == {"wikitext2": "wanda", "c4": "wanda"}
+        recovery = json.loads((exp / f"recovered/smollm2-135m/{c}/s0/r0.2/recovery.json").read_text())
+        settings = recovery["settings"]
+        assert (settings["recipe"], settings["autocast"], settings["adapter"]) == ("released", "bfloat16", "unmerged")
+        assert recovery["data"]["source"] == "MBZUAI/LaMini-instruction" and recovery["data"]["label_tokens"] > 0
+    score_meta = json.loads((exp / "scores/smollm2-135m/sdmprune/s0.r0.2.json").read_text())
+    assert score_meta["calibration"]["sampling"] == "per_document"
+    assert score_meta["criterion_options"]["alpha"] == 0.4
+    text = (exp / "report/report.md").read_text()
+    assert text.index("## Verdicts") < text.index("# Tables and plots") and "have no metrics" not in text
+    runs = experiment_runs(tmp_path / "results/mlflow.db", cfg["experiment"])
+    assert runs and {r.info.status for r in runs} == {"FINISHED"}
