@@ -475,8 +475,8 @@ def contiguous_chunks(tokenizer, texts, seq_len: int, max_tokens: int | None, re
 PROTOCOLS = ("stream", "wanda")
 # Wanda/SparseGPT (locuslab/wanda lib/data.py): how rows are joined before the one tokenization, how many leading
 # rows are joined and how many windows are kept; C4 has its own, every other text is treated as WikiText-2.
-_WANDA = {"c4": (" ", 1100, 256)}
-_WANDA_DEFAULT = ("\n\n", None, None)
+WANDA = {"c4": (" ", 1100, 256)}
+WANDA_DEFAULT = ("\n\n", None, None)
 
 
 def eval_chunks(tokenizer, source, seq_len: int, max_tokens: int | None, protocol: str = "stream"):
@@ -503,7 +503,7 @@ def eval_chunks(tokenizer, source, seq_len: int, max_tokens: int | None, protoco
         return chunks, docs, texts
     if protocol != "wanda":
         raise HFPruneError(f"evaluation.perplexity.protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
-    sep, n_rows, n_windows = _WANDA.get(source.name, _WANDA_DEFAULT)
+    sep, n_rows, n_windows = WANDA.get(source.name, WANDA_DEFAULT)
     rows = load_rows(source)[:n_rows]
     joined = sep.join(rows)
     fast = getattr(tokenizer, "is_fast", False)  # only fast tokenizers give character offsets

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 
+from hfprune.data import WANDA, WANDA_DEFAULT
 from hfprune.limits import DTYPE_BYTES, GIB, RUNTIME_BYTES, layer_activation_bytes, scoring_memory
 
 # The paper's Table 5 (LLaMA-2-7B: config.json facts of meta-llama/Llama-2-7b-hf), the calibration of every time.
@@ -63,17 +64,16 @@ TASKS = {
     "winogrande": ("validation", 1267, 2, 0, 30),
 }
 # Tokens of a whole perplexity source (evaluation.perplexity.max_tokens null), approx., LLaMA tokenizer:
-# WikiText-2 raw test about 341k (Wanda/SparseGPT's 166 windows of 2048); c4 as hfprune.data loads it (the first
-# en train shard, 356,317 documents) x about 470 tokens per document. Sources not listed need max_tokens.
-TEXT_TOKENS = {"wikitext2": 341_000, "c4": 356_317 * 470}
+# WikiText-2 raw test about 341k (Wanda/SparseGPT's 166 windows of 2048); c4 as hfprune.data evaluates it (the first
+# en validation shard, 364,608 / 8 = 45,576 documents) x about 470 tokens per document; the wanda protocol keeps
+# at most its window cap of it (hfprune.data.WANDA). Sources not listed need max_tokens.
+TEXT_TOKENS = {"wikitext2": 341_000, "c4": 45_576 * 470}
 # LaMini-instruction: 2.58M instruction/response pairs (its dataset card and the LaMini-LM paper, arXiv
 # 2304.14402; the hub viewer shows 2.59M rows). Tokens per example as trained, approx. (ours): the Alpaca
 # template ~38 + instruction ~35 + response ~110, plus padding to the micro-batch's longest: 200, at most seq_len.
 LAMINI_ROWS = 2_580_000
 LAMINI_TOKENS_PER_EXAMPLE = 200
 RECOVERY_TEXT_TOKENS = 33_000  # the held-out `recovery` text of the smoke recovery (hfprune.data), approx.
-# recovery.recipe values (or a recipe mapping with `upcast: true`) whose base weights train in fp32
-UPCAST_RECIPES = ("released", "hfprune", "paper")
 
 
 # --- architecture arithmetic ---------------------------------------------------------------------------------
@@ -199,6 +199,9 @@ def perplexity_tokens(cfg: dict) -> list[tuple[str, int | None]]:
     for source in ppl["sources"]:
         name = source if isinstance(source, str) else str(source)
         whole = TEXT_TOKENS.get(name)
+        windows = WANDA.get(name, WANDA_DEFAULT)[2] if ppl["protocol"] == "wanda" else None
+        if whole is not None and windows is not None:
+            whole = min(whole, windows * ppl["seq_len"])
         out.append((name, ppl["max_tokens"] if whole is None else min(whole, ppl["max_tokens"] or whole)))
     return out
 
@@ -288,14 +291,9 @@ def lora_params(arch, lora: dict) -> int:
 
 
 def fp32_base_weights(cfg: dict) -> bool:
-    """Whether recovery trains on fp32 base weights: always on CPU; on GPU where `recovery.recipe` (when the
-    config has that field) names a recipe that upcasts them, as the released HFPrune scripts do."""
-    if cfg["device"] == "cpu":
-        return True
-    recipe = cfg["recovery"].get("recipe")
-    if isinstance(recipe, dict):
-        return bool(recipe.get("upcast") or recipe.get("upcast_base"))
-    return recipe in UPCAST_RECIPES
+    """Whether recovery trains on fp32 base weights: always on CPU; on GPU with `recovery.recipe: released`,
+    which upcasts them under bf16 autocast as the released HFPrune scripts do."""
+    return cfg["device"] == "cpu" or cfg["recovery"]["recipe"] == "released"
 
 
 def recovery_tokens(cfg: dict) -> tuple[int, int, int]:

@@ -113,9 +113,9 @@ def test_recovery_memory_upcasts_base_weights_for_an_upcasting_recipe():
     cfg, arch = _paper_llama2()
     pruned = estimates.pruned_arch(arch, cfg, 0.2)
     assert pruned.intermediate_size == 7581  # the paper's neurons kept at 0.2
-    plain = estimates.recovery_memory(pruned, cfg)
-    # the recipe field may not exist in the schema: the estimate reads it defensively from the config dict
-    released = estimates.recovery_memory(pruned, {**cfg, "recovery": {**cfg["recovery"], "recipe": "released"}})
+    assert cfg["recovery"]["recipe"] == "released"
+    released = estimates.recovery_memory(pruned, cfg)
+    plain = estimates.recovery_memory(pruned, {**cfg, "recovery": {**cfg["recovery"], "recipe": "compact"}})
     assert plain["weights"] == estimates.total_params(pruned) * 2 and released["weights"] == 2 * plain["weights"]
     assert released["lora"] == plain["lora"] == 16 * estimates.lora_params(pruned, cfg["recovery"]["lora"])
     # LoRA r 32 on all seven projections of 32 layers
