@@ -225,7 +225,7 @@ def test_smoke_workflow_end_to_end(tmp_path, smollm2_dir):
     assert set(evaluations) == {"evaluate: dense", "evaluate: magnitude s0 r0.2", "evaluate: taylor_entropy s0 r0.2",
                                 "evaluate: taylor_entropy s1 r0.2"}
     seeds = [evaluations[f"evaluate: taylor_entropy s{s} r0.2"].data for s in (0, 1)]
-    table_row = main[main["method"] == "taylor_entropy"].iloc[0]
+    table_row = main[main["method"] == criterion_label("taylor_entropy")].iloc[0]
     assert sum(c.metrics["average"] for c in seeds) * 50 == pytest.approx(table_row["average"])  # mean of 2, in %
     assert math.exp(sum(math.log(c.metrics["ppl/wiki"]) for c in seeds) / 2) == pytest.approx(table_row["ppl_wiki"])
     assert [c.tags["hfprune.seed"] for c in seeds] == ["0", "1"]
@@ -302,7 +302,7 @@ def test_rehearsal_runs_the_paper_path(tmp_path, smollm2_dir):
     through the stock task YAMLs on hub-format files, Wanda-protocol WikiText-2 / C4 perplexity, the released LoRA
     recipe on LaMini (packed rows, unmerged adapter), every report form, MLflow."""
     paper = validate_config(yaml.safe_load((ROOT / "config/paper.yaml").read_text()))
-    cfg = yaml.safe_load((ROOT / "config/rehearsal.yaml").read_text())
+    cfg = _absolute_fixture_paths(yaml.safe_load((ROOT / "config/rehearsal.yaml").read_text()))
     rehearsal = validate_config(cfg)
     # the same settings as the paper wherever the rehearsal is not just smaller or local
     for key in ("dtype", "criteria", "pruning", "scoring"):
@@ -316,7 +316,7 @@ def test_rehearsal_runs_the_paper_path(tmp_path, smollm2_dir):
     assert rehearsal["device_map"] is not None and rehearsal["device"] == "cpu"
 
     config = tmp_path / "rehearsal.yaml"
-    config.write_text(yaml.safe_dump(_absolute_fixture_paths(cfg)))
+    config.write_text(yaml.safe_dump(cfg))
     _snakemake(tmp_path, "--cores", "2", "--configfile", str(config), "--workflow-profile",
                str(ROOT / "profiles/local"), "--config", f"resources_dir={Path(smollm2_dir).resolve().parent.parent}")
     exp = tmp_path / "results" / cfg["experiment"]
