@@ -2,7 +2,7 @@
 and file layout (<dataset id>/<config>/<split>-00000-of-00001.parquet), which the stock lm-eval task YAMLs read
 through `evaluation.task_data` (the same `datasets.load_dataset` call, pointed at local files).
 
-Seven tasks take their first rows from the offline rebuilds of the stock splits (hfprune.tasks.offline: real
+Six tasks take their first rows from the offline rebuilds of the stock splits (hfprune.tasks.offline: real
 docs). CrowS-Pairs, RACE, SIQA and TruthfulQA have no offline copy: their rows are made up here, in the exact
 schema the stock task code reads, to exercise prompts, targets and metrics (their accuracies mean nothing).
 
