@@ -34,6 +34,15 @@ def _snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Comp
     return proc
 
 
+def _run(workdir: Path, cfg: dict, smollm2_dir) -> Path:
+    """A real run of the config `cfg` on 2 cores with the session's SmolLM2 resources; its experiment folder."""
+    config = workdir / f"{cfg['experiment']}.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    _snakemake(workdir, "--cores", "2", "--configfile", str(config), "--workflow-profile",
+               str(ROOT / "profiles/local"), "--config", f"resources_dir={Path(smollm2_dir).resolve().parent.parent}")
+    return workdir / "results" / cfg["experiment"]
+
+
 def _dag(workdir: Path, config: Path, *overrides: str) -> tuple[dict[int, str], dict[int, set[int]]]:
     """(job id -> rule, job id -> ids of the jobs it depends on) from `snakemake --dag`."""
     dot = _snakemake(workdir, "--dag", "--configfile", str(config), "--config", *overrides).stdout
@@ -260,11 +269,7 @@ def test_smoke_workflow_with_recovery_has_before_and_after_rows(tmp_path, smollm
     cfg.update(experiment="smoke-lora", criteria=["magnitude"],
                recovery={"enabled": True, "max_steps": 3, "num_samples": 6, "seq_len": 32, "batch_size": 2,
                          "lora": {"r": 4, "alpha": 8}})
-    config = tmp_path / "lora.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    _snakemake(tmp_path, "--cores", "2", "--configfile", str(config), "--workflow-profile",
-               str(ROOT / "profiles/local"), "--config", f"resources_dir={Path(smollm2_dir).resolve().parent.parent}")
-    exp = tmp_path / "results" / cfg["experiment"]
+    exp = _run(tmp_path, cfg, smollm2_dir)
 
     main = pd.read_csv(exp / "report/tables/smollm2-135m.main.csv")
     ours = main[main["source"] == "ours"]
@@ -315,11 +320,7 @@ def test_rehearsal_runs_the_paper_path(tmp_path, smollm2_dir):
     assert rehearsal["evaluation"]["perplexity"]["protocol"] == paper["evaluation"]["perplexity"]["protocol"]
     assert rehearsal["device_map"] is not None and rehearsal["device"] == "cpu"
 
-    config = tmp_path / "rehearsal.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    _snakemake(tmp_path, "--cores", "2", "--configfile", str(config), "--workflow-profile",
-               str(ROOT / "profiles/local"), "--config", f"resources_dir={Path(smollm2_dir).resolve().parent.parent}")
-    exp = tmp_path / "results" / cfg["experiment"]
+    exp = _run(tmp_path, cfg, smollm2_dir)
 
     main = pd.read_csv(exp / "report/tables/smollm2-135m.main.csv")
     ours = main[main["source"] == "ours"]
@@ -343,3 +344,38 @@ def test_rehearsal_runs_the_paper_path(tmp_path, smollm2_dir):
     assert text.index("## Verdicts") < text.index("# Tables and plots") and "have no metrics" not in text
     runs = experiment_runs(tmp_path / "results/mlflow.db", cfg["experiment"])
     assert runs and {r.info.status for r in runs} == {"FINISHED"}
+
+
+@pytest.mark.slow
+@pytest.mark.workflow
+def test_own_calibration_text_and_user_task_end_to_end(tmp_path, smollm2_dir, monkeypatch):
+    """An open grid: your own calibration text (a JSONL file) and your own lm-eval task (a YAML in a temp folder,
+    its data a local JSONL file) through score, plan, evaluate and report."""
+    from hfprune.data import load_texts, texts_hash
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))  # the jobs' json builds stay under tmp
+    bodies = list(load_texts("calibration")[:40])
+    (tmp_path / "my_text.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in bodies))
+    rows = [("Is the sky blue on a clear day?", 1), ("Can a fish climb a tree?", 0), ("Is fire hot?", 1),
+            ("Is the sun cold?", 0)]
+    (tmp_path / "yesno.jsonl").write_text("".join(json.dumps({"question": q, "label": y}) + "\n" for q, y in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks/my_yesno.yaml").write_text(yaml.safe_dump({
+        "task": "my_yesno", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(tmp_path / "yesno.jsonl")}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_choice": ["no", "yes"], "doc_to_target": "label",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}))
+    cfg = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
+    cfg.update(experiment="own", criteria=["taylor_entropy"],
+               calibration={**cfg["calibration"], "source": {"path": str(tmp_path / "my_text.jsonl"), "field": "body"},
+                            "seeds": [0]},
+               evaluation={**cfg["evaluation"], "tasks": ["arc_easy", {"task": "my_yesno", "metric": "acc"}],
+                           "include_path": str(tmp_path / "tasks"), "fidelity": {"enabled": False}})
+    exp = _run(tmp_path, cfg, smollm2_dir)
+
+    sidecar = json.loads((exp / "scores/smollm2-135m/taylor_entropy/s0.json").read_text())
+    assert sidecar["calibration"]["texts_sha256"] == texts_hash(bodies)  # scored on exactly the file's texts
+    main = pd.read_csv(exp / "report/tables/smollm2-135m.main.csv")
+    assert main[["arc_easy", "my_yesno"]].notna().all().all()
+    metrics = json.loads((exp / "metrics/smollm2-135m/taylor_entropy/s0/r0.2.json").read_text())
+    assert metrics["tasks"]["my_yesno"]["n"] == 3 and metrics["tasks"]["my_yesno"]["metric"] == "acc"
