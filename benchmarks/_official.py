@@ -4,9 +4,11 @@ Line for line what the released code does once the windows are built: every para
 projections (so autograd computes and stores their weight gradients, which are never used), a forward hook on
 every down_proj keeps its input and a full backward hook its input gradient, the entropy is computed from
 full-vocabulary fp32 logits of the whole sequence and averaged over EVERY position (the last included), and
-|h * g| summed over every position accumulates into a bfloat16 tensor per layer (`accumulate_dtype`; the
-benchmark also runs an fp32 accumulator, which must keep exactly hfprune's neurons). The released code runs
-batch size 1 on a bf16 model with flash attention; here the batches and the model dtype are the benchmark's.
+|h * g| summed over every position accumulates into a bfloat16 tensor per layer (`accumulate_dtype`). The
+benchmark also runs it with an fp32 accumulator, and exactly: a float64 model, float64 logits (where the
+released code upcasts to fp32) and a float64 accumulator, the reference whose kept sets hfprune must match.
+The released code runs batch size 1 on a bf16 model with flash attention; here the batches and the model
+dtype are the benchmark's.
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ def official_entropy_scores(model, batches: list[torch.Tensor],
 
     importance = [torch.zeros(layer.mlp.down_proj.in_features, dtype=accumulate_dtype)
                   for layer in model.model.layers]
+    upcast = torch.float64 if accumulate_dtype == torch.float64 else torch.float32
     for input_ids in batches:
         model.zero_grad()
         outputs = model(input_ids=input_ids)
         logits = outputs.logits
-        probs = F.softmax(logits.float(), dim=-1)
-        log_probs = F.log_softmax(logits.float(), dim=-1)
+        probs = F.softmax(logits.to(upcast), dim=-1)
+        log_probs = F.log_softmax(logits.to(upcast), dim=-1)
         entropy_loss = -torch.sum(probs * log_probs, dim=-1).mean()
         entropy_loss.requires_grad_(True)
         entropy_loss.backward()
@@ -65,7 +68,7 @@ def official_entropy_scores(model, batches: list[torch.Tensor],
         gradients.clear()
     for h in handles:
         h.remove()
-    return {f"mlp.{i}": s.float() for i, s in enumerate(importance)}
+    return {f"mlp.{i}": s.to(upcast) for i, s in enumerate(importance)}
 
 
 def floor_pass(model, batches: list[torch.Tensor]) -> None:

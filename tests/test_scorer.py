@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import REPO_RESOURCES, tiny_model
+from conftest import REPO_RESOURCES, ROOT, tiny_model
 
 from hfprune.adapters import get_adapter
 from hfprune.criteria import get_criterion
@@ -204,6 +204,26 @@ def test_entropy_counts_the_last_position():
     # the last position matters: a one-position sequence has entropy scores, CE ones are zero
     one = score_model(model, [seqs[0][:1][None]], [ent, ce])
     assert one["taylor_entropy"]["mlp.0"].abs().sum() > 0 and one["taylor_ce"]["mlp.0"].abs().sum() == 0
+
+
+def test_scorer_equals_the_released_loop():
+    """benchmarks/_official.py (the released HFPrune loop, which bench_score times and compares kept sets with)
+    and the scorer compute the same scores: full-length batches, entropy over every position, |h g| summed.
+    At float64 the released loop is the exact reference; with an fp32 accumulator it stays within rounding."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_official", ROOT / "benchmarks" / "_official.py")
+    official = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(official)
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(3, 211, (2, 11), generator=g) for _ in range(3)]
+    got = score_model(tiny_model("llama"), batches, ["taylor_entropy"], logits_chunk=5)["taylor_entropy"]
+    exact = official.official_entropy_scores(tiny_model("llama").double(), batches, torch.float64)
+    fp32 = official.official_entropy_scores(tiny_model("llama"), batches, torch.float32)
+    assert exact["mlp.0"].dtype == torch.float64 and set(got) == set(exact)
+    for k in exact:
+        torch.testing.assert_close(got[k].double(), exact[k], rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(fp32[k].double(), exact[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_gradient_free_criteria():
