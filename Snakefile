@@ -8,6 +8,7 @@ Run from the repository root: `make run`, or
 """
 
 from hfprune.config import check_models, validate_config
+from hfprune.errors import HFPruneError, stop_workflow
 
 
 # --configfile replaces the default instead of being merged into it (Snakemake's `configfile:` would merge
@@ -20,9 +21,12 @@ if not workflow.overwrite_configfiles:
 # Schema validation (defaults filled in, every grid variant too) before any job is scheduled: a bad field stops
 # the run here, named.
 _source = ", ".join(map(str, workflow.overwrite_configfiles)) or "config"
-config.update(validate_config(config, source=_source))
-if workflow.is_main_process:  # model sources and ratios, from config.json facts (not again inside each job)
-    check_models(config, source=_source)
+try:
+    config.update(validate_config(config, source=_source))
+    if workflow.is_main_process:  # model sources and ratios, from config.json facts (not again inside each job)
+        check_models(config, source=_source)
+except HFPruneError as e:
+    stop_workflow(e)
 
 
 report: "workflow/report/workflow.rst"

@@ -19,3 +19,8 @@ class UnsupportedModelError(HFPruneError):
 
 class ScoreError(HFPruneError):
     """Scoring produced NaN/inf or could not run."""
+
+
+def stop_workflow(error: HFPruneError):
+    """End a Snakemake run with the error's own lines, without Snakemake's traceback of the Snakefile."""
+    raise SystemExit(f"hfprune workflow: error: {error}")

@@ -55,6 +55,12 @@ def _fails(proc: subprocess.CompletedProcess, *needles: str, rc: int = 2) -> str
     return lines[0]
 
 
+def _no_snakefile_traceback(output: str) -> None:
+    """A workflow stopped by bad input shows hfprune's error line, not Snakemake's traceback of the Snakefile."""
+    assert 'File "' not in output and "Error in file" not in output, output[-3000:]
+    assert sum(line.startswith("hfprune workflow: error: ") for line in output.splitlines()) == 1, output[-3000:]
+
+
 def _nothing_under(folder: Path) -> None:
     assert not folder.exists() or not any(folder.iterdir()), sorted(folder.rglob("*"))
 
@@ -190,6 +196,7 @@ def test_unknown_lm_eval_task_stops_the_workflow_and_the_job(tmp_path, tiny_llam
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "invalid config field 'evaluation.tasks'" in output, output[-3000:]
     assert "'no_such_task'" in output and "Building DAG" not in output
+    _no_snakefile_traceback(output)
     out = tmp_path / "metrics" / "dense.json"
     proc = _hfprune("evaluate", "--config", cfg, "--model", "m", "--out", out)
     _fails(proc, "invalid config field 'evaluation.tasks'", "unknown task(s) 'no_such_task'")
@@ -210,6 +217,7 @@ def test_unreachable_tracking_server_fails_fast_naming_the_uri(tmp_path, tiny_ll
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and f"MLflow tracking server {uri} is unreachable" in output, output[-3000:]
     assert not (tmp_path / "results").exists()
+    _no_snakefile_traceback(output)
     proc, out = _score(tmp_path, _config(tmp_path, tiny_llama_dir), env={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0  # tracking disabled in the config: the environment's URI is not contacted
 

@@ -121,6 +121,7 @@ def test_bad_axis_stops_before_any_job(tmp_path, case):
     (line,) = [x for x in output.splitlines() if "invalid config field 'grid." in x]
     assert message in line, output[-2000:]
     assert "Building DAG" not in output and not (tmp_path / "results").exists()
+    assert 'File "' not in output and line.startswith("hfprune workflow: error: "), output[-2000:]
 
 
 @pytest.mark.parametrize("command", [["plan", "--scores", "s.safetensors", "--ratio", "0.2", "--out", "p.json"],

@@ -175,6 +175,7 @@ def test_invalid_config_stops_before_any_job(tmp_path, case):
     output = proc.stdout + proc.stderr
     assert f"invalid config field '{field}" in output, output[-2000:]
     assert "Building DAG" not in output and not (tmp_path / "results").exists()
+    assert 'File "' not in output and "hfprune workflow: error: " in output, output[-2000:]  # no traceback
 
 
 @pytest.mark.slow

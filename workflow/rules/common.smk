@@ -177,7 +177,10 @@ onstart:
     # runs left RUNNING by jobs killed in an earlier run (SIGKILL, OOM, power loss) are closed as KILLED
     from hfprune.tracking import close_stale_runs
 
-    close_stale_runs(config)
+    try:
+        close_stale_runs(config)
+    except HFPruneError as e:
+        stop_workflow(e)
     _write(RUN_CONFIG, config)
     if config["grid"]:  # every point's config, where job_config finds it
         for name, cfg in POINTS.items():
