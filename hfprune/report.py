@@ -517,6 +517,7 @@ def plot_forest(table: pd.DataFrame, out_png, title: str) -> Path:
     """Paired differences vs the baseline with 95 % CIs: a panel per measure, a row per comparison x ratio;
     filled markers where the Holm-corrected difference is significant."""
     plt = _pyplot()
+    from matplotlib.ticker import SymmetricalLogLocator
     labels = list(dict.fromkeys(table["label"]))
     fig, axes = plt.subplots(1, len(labels), figsize=(3.6 * len(labels), 0.45 * table["row"].nunique() + 1.6),
                              squeeze=False, sharey=True)
@@ -532,12 +533,16 @@ def plot_forest(table: pd.DataFrame, out_png, title: str) -> Path:
                         markerfacecolor=color if v in ("better", "worse") else "white")
         ax.axvline(0, color="black", linewidth=0.8)
         # a far-off criterion (magnitude) would squeeze the close ones into a dot at 0: linear within the
-        # typical CI half-width, logarithmic beyond it
+        # typical CI half-width (rounded up to a power of ten, so the first decade ticks sit at the linear
+        # range's edges, not crowded into it beside 0), logarithmic beyond it, at most 6 decade ticks
         half = ((sub["hi"] - sub["lo"]) / 2 * sub["scale"]).abs()
         half = half[np.isfinite(half) & (half > 0)]
         symlog = bool(len(half)) and (sub["diff"] * sub["scale"]).abs().max() > 10 * half.median()
         if symlog:
-            ax.set_xscale("symlog", linthresh=float(half.median()))
+            linthresh = 10.0 ** math.ceil(math.log10(half.median()))
+            ax.set_xscale("symlog", linthresh=linthresh)
+            ax.xaxis.set_major_locator(SymmetricalLogLocator(base=10, linthresh=linthresh))
+            ax.xaxis.get_major_locator().set_params(numticks=6)
         better = "higher" if sub["higher_is_better"].iloc[0] else "lower"
         ax.set(title=f"Δ {label}", xlabel=f"A − baseline ({better} is better){', symlog' if symlog else ''}")
         ax.grid(alpha=0.3)
