@@ -360,38 +360,52 @@ def seconds(flops: float, tflops: float | None = None) -> float:
 
 # --- the grid --------------------------------------------------------------------------------------------------
 def model_rows(name: str, arch, cfg: dict) -> list[dict]:
-    """One row per kind of job of one model: jobs, and per job params, tokens, FLOPs, peak bytes."""
+    """One row per kind of job of one model and criterion (a point config): jobs, and per job params, tokens,
+    FLOPs, peak bytes; `variant` names the folder the jobs write to (the variant projected onto the axes the job
+    reads), so rows that several variants share can be counted once."""
+    from hfprune import grid
     from hfprune.config import cell_seeds, score_ratios
     from hfprune.plan import format_ratio
 
     rows = []
 
-    def add(stage, what, jobs, est):
-        rows.append({"model": name, "stage": stage, "what": what, "jobs": jobs, **est})
+    def add(stage, what, jobs, est, chain, criterion=None):
+        variant = grid.name(grid.projection(cfg, chain, criterion))
+        rows.append({"model": name, "stage": stage, "what": what, "variant": variant, "criterion": criterion,
+                     "jobs": jobs, **est})
 
     cells = {c: len(cell_seeds(cfg, name, c)) for c in cfg["criteria"]}
     for crit, seeds in cells.items():
         for ratio in score_ratios(cfg, crit):
             what = crit if ratio is None else f"{crit} r{ratio}"
-            add("score", what, seeds, scoring_estimate(arch, cfg, crit, ratio))
-    n_cells = sum(cells.values())
-    add("evaluate", "dense", 1, evaluation_estimate(arch, cfg))
+            add("score", what, seeds, scoring_estimate(arch, cfg, crit, ratio), "score", crit)
+    add("evaluate", "dense", 1, evaluation_estimate(arch, cfg), "evaluate_dense")
     for ratio in cfg["ratios"]:
         pruned = pruned_arch(arch, cfg, ratio)
         label = f"r{format_ratio(ratio)}"
-        add("evaluate", f"pruned {label}", n_cells, evaluation_estimate(arch, cfg, pruned))
-        if cfg["recovery"]["enabled"]:
-            add("recover", label, n_cells, recovery_estimate(pruned, cfg))
-            add("evaluate", f"recovered {label}", n_cells, evaluation_estimate(arch, cfg, pruned))
+        evaluated = evaluation_estimate(arch, cfg, pruned)
+        recovered = recovery_estimate(pruned, cfg) if cfg["recovery"]["enabled"] else None
+        for crit, seeds in cells.items():
+            add("evaluate", f"pruned {label}", seeds, evaluated, "evaluate_pruned", crit)
+            if recovered is not None:
+                add("recover", label, seeds, recovered, "recover", crit)
+                add("evaluate", f"recovered {label}", seeds, evaluated, "evaluate_recovered", crit)
     return rows
 
 
 def grid_table(cfg: dict, archs: dict, tflops: float | None = None):
-    """pandas DataFrame of every model's job kinds, with per-job time and the row's GPU-hours (jobs x time)."""
+    """pandas DataFrame of every model's job kinds over every grid variant (a job that variants share counted
+    once; the criteria's cells of one kind summed), with per-job time and the row's GPU-hours (jobs x time)."""
     import pandas as pd
 
-    rows = [row for name, arch in archs.items() for row in model_rows(name, arch, cfg)]
-    df = pd.DataFrame(rows)
+    from hfprune import grid
+
+    rows = [row for vcfg in grid.variants(cfg).values() for name, arch in archs.items()
+            for row in model_rows(name, arch, vcfg)]
+    df = pd.DataFrame(rows).drop_duplicates(["model", "stage", "what", "variant", "criterion"])
+    keys = ["model", "stage", "what", "variant"]
+    df = df.groupby(keys, sort=False, as_index=False).agg(
+        {"jobs": "sum", **{c: "first" for c in df.columns if c not in (*keys, "jobs", "criterion")}})
     df["hours"] = [seconds(f, tflops) / 3600 for f in df["flops"]]
     df["gpu_hours"] = df["jobs"] * df["hours"]
     return df
@@ -413,7 +427,8 @@ def format_table(df, markdown: bool = False) -> str:
         "peak GiB": (df["memory"] / GIB).map("{:.1f}".format),
         "h/job": df["hours"].map(_hours),
         "GPU-h": df["gpu_hours"].map(_sig),
-    })[["model", "stage", "what", "jobs", "params (B)", "tokens (M)", "PFLOP/job", "peak GiB", "h/job", "GPU-h"]]
+    })[["model", "stage", "what", *(["variant"] if df["variant"].any() else []), "jobs", "params (B)", "tokens (M)",
+        "PFLOP/job", "peak GiB", "h/job", "GPU-h"]]
     return out.to_markdown(index=False) if markdown else out.to_string(index=False)
 
 

@@ -184,3 +184,30 @@ def test_cli_hub_model_not_cached_needs_arch_json(tmp_path):
     row = [cell.strip() for cell in next(line for line in out.stdout.splitlines() if "| taylor_entropy" in line)
            .split("|")]
     assert row[4:6] == ["1", "6.74"] and row[9] == "8.48 min"  # jobs, params (B), h/job
+
+
+def test_a_grid_counts_each_job_the_workflow_runs_once(tmp_path):
+    """Over grid variants, a job several variants share (the dense evaluation, a score an allocation axis does
+    not change) is counted once: per stage, the jobs Snakemake's DAG of the same config holds; and each variant's
+    rows carry its own settings (a calibration axis changes a score job's tokens)."""
+    from collections import Counter
+
+    from test_workflow import _dag
+
+    cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    cfg.update(criteria=["magnitude", "taylor_entropy_topk"], recovery={"enabled": True},
+               grid={"calibration.num_sequences": [2, 4], "pruning.allocation": ["uniform", "global"],
+                     "evaluation.limit": [2, 3], "criterion_options.taylor_entropy_topk.k": [4, 8]})
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rules, _ = _dag(tmp_path, path)
+    dag = Counter(rules.values())
+    cfg = load_config(path)
+    df = estimates.grid_table(cfg, {m["name"]: limits.job_architecture(cfg, m["name"]) for m in cfg["models"]})
+    jobs = df.groupby("stage")["jobs"].sum()
+    assert jobs["score"] == dag["score"] and jobs["recover"] == dag["recover"]
+    assert jobs["evaluate"] == dag["evaluate_dense"] + dag["evaluate_pruned"] + dag["evaluate_recovered"]
+    assert (df["what"] == "dense").sum() == 2  # one per evaluation.limit, whatever the other axes
+    topk = df[(df["stage"] == "score") & (df["what"] == "taylor_entropy_topk")].set_index("variant")["tokens"]
+    assert len(topk) == 4 and topk["calibration.num_sequences-4_criterion_options.taylor_entropy_topk.k-8"] == \
+        2 * topk["calibration.num_sequences-2_criterion_options.taylor_entropy_topk.k-8"]
