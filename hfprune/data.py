@@ -17,6 +17,7 @@ data_files}`` (any ``load_dataset`` call), see ``text_source``.
 from __future__ import annotations
 
 import bisect
+import glob
 import gzip
 import hashlib
 import json
@@ -312,8 +313,12 @@ def content_digest(obj) -> list[str]:
             data = obj.get("data_files")
             files += [f for v in data.values() for f in ([v] if isinstance(v, str) else v)] \
                 if isinstance(data, dict) else ([data] if isinstance(data, str) else list(data or []))
-            for f in files:
-                p = Path(f).expanduser()
+            folder = Path(str(obj.get("hf", ""))).expanduser()
+            if obj.get("hf") and folder.is_dir():  # a local dataset folder: load_dataset may read any file in it
+                files += sorted(str(f) for f in folder.rglob("*") if f.is_file()
+                                and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+            # data_files may be glob patterns, as load_dataset takes them
+            for p in (Path(m) for f in files for m in sorted(glob.glob(str(Path(f).expanduser()), recursive=True))):
                 if p.is_file():
                     st = p.stat()
                     found.append(_file_sha256(str(p.resolve()), st.st_size, st.st_mtime_ns))

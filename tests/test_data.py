@@ -304,6 +304,27 @@ def test_settings_digest_sees_the_file_content(tmp_path):
     assert content_digest({"source": "calibration", "sources": ["wiki"]}) == []
 
 
+def test_settings_digest_sees_files_in_a_local_dataset_folder_and_glob_data_files(tmp_path):
+    """`{hf: <local folder>}` may read any file in it, and data_files may be glob patterns: an edit to any file
+    either names changes the digest; a hidden folder (.git, caches) is not read."""
+    folder = tmp_path / "ds"
+    for sub in ("data", ".git"):
+        (folder / sub).mkdir(parents=True)
+    _write(folder / "data" / "train-0.jsonl", '{"text": "one"}\n')
+    _write(folder / "data" / "train-1.jsonl", '{"text": "two"}\n')
+    _write(folder / ".git" / "HEAD", "ref: a\n")
+    by_folder = {"source": {"hf": str(folder), "field": "text"}}
+    by_glob = {"source": {"hf": "json", "data_files": str(folder / "data" / "train-*.jsonl"), "field": "text"}}
+    before = [content_digest(by_folder), content_digest(by_glob)]
+    assert [len(d) for d in before] == [2, 2]
+    _write(folder / ".git" / "HEAD", "ref: b\n")
+    assert [content_digest(by_folder), content_digest(by_glob)] == before
+    _write(folder / "data" / "train-1.jsonl", '{"text": "three"}\n')
+    os.utime(folder / "data" / "train-1.jsonl", ns=(1, 1))
+    after = [content_digest(by_folder), content_digest(by_glob)]
+    assert [a[0] == b[0] and a[1] != b[1] for a, b in zip(after, before)] == [True, True]
+
+
 def test_evaluation_with_own_text_and_wanda_protocol(tiny_llama_dir, tmp_path):
     from hfprune.config import validate_config
     from hfprune.evaluation import run_evaluation
