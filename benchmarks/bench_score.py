@@ -127,6 +127,17 @@ def kept_set_difference(path: str, reference: str, model: str, ratio: float = 0.
     return diff, farthest
 
 
+def score_error(path: str, reference: str) -> tuple[float, float]:
+    """Median and 99th percentile over all neurons of |score - reference| / reference."""
+    import torch
+    from safetensors.torch import load_file
+
+    got, ref = load_file(path), load_file(reference)
+    rel = torch.cat([((got[k].double() - ref[k].double()) / ref[k].double()).abs() for k in ref])
+    rel = rel[torch.isfinite(rel)]
+    return rel.median().item(), rel.quantile(0.99).item()
+
+
 def verdict(name: str, value: float, target: float) -> None:
     print(f"  {name:58s} {value:6.3f}x  (target <= {target}x: {'OK' if value <= target else 'MISSED'})")
 
@@ -177,9 +188,13 @@ def main() -> None:
         diff, _ = kept_set_difference(f"{tmp}/ours.safetensors", exact, "smollm2")
         print(f"  kept sets at ratio 0.2, hfprune vs the released loop run in float64: {diff} neurons differ "
               f"(target: identical: {'OK' if diff == 0 else 'MISSED'})")
+        median, p99 = score_error(f"{tmp}/ours.safetensors", exact)
+        print(f"  hfprune's score error vs float64: median {median:.1e}, 99th percentile {p99:.1e} (relative)")
         for name, label in (("official_fp32", "fp32 accumulation"), ("official", "bf16 accumulation, as released")):
             diff, farthest = kept_set_difference(f"{tmp}/{name}.safetensors", exact, "smollm2")
-            print(f"  the released loop with {label} vs float64: {diff} neurons differ"
+            median, p99 = score_error(f"{tmp}/{name}.safetensors", exact)
+            print(f"  the released loop with {label} vs float64: score error median {median:.1e}, 99th percentile "
+                  f"{p99:.1e}; {diff} neurons differ"
                   + (f", all within {farthest:.1e} of their layer's cut (relative)" if diff else ""))
             diff, _ = kept_set_difference(f"{tmp}/ours.safetensors", f"{tmp}/{name}.safetensors", "smollm2")
             print(f"  hfprune vs the released loop with {label}: {diff} neurons differ")
