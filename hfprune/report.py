@@ -534,7 +534,7 @@ def plot_forest(table: pd.DataFrame, out_png, title: str) -> Path:
         ax.axvline(0, color="black", linewidth=0.8)
         # a far-off criterion (magnitude) would squeeze the close ones into a dot at 0: linear within the
         # typical CI half-width (rounded up to a power of ten, so the first decade ticks sit at the linear
-        # range's edges, not crowded into it beside 0), logarithmic beyond it, at most 6 decade ticks
+        # range's edges, not crowded into it beside 0), logarithmic beyond it, about 6 decade ticks at most
         half = ((sub["hi"] - sub["lo"]) / 2 * sub["scale"]).abs()
         half = half[np.isfinite(half) & (half > 0)]
         symlog = bool(len(half)) and (sub["diff"] * sub["scale"]).abs().max() > 10 * half.median()
