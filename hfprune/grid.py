@@ -27,6 +27,8 @@ COMPUTE = ("seed", "dtype", "device", "device_map")
 # what a score job reads of `calibration`: its seed is the job's `seed` wildcard, not the seeds list
 CALIBRATION = ("calibration.source", "calibration.sampling", "calibration.num_sequences", "calibration.seq_len",
                "calibration.batch_size")
+# a variant names a folder and its config `configs/<name>.yaml`: 255 bytes per file name on common filesystems
+MAX_NAME_BYTES = 250
 OPTIONS = "criterion_options.{criterion}"  # a score job reads its own criterion's options only
 # what each stage reads of the config itself (its inputs' settings come with its inputs)
 READS = {
@@ -132,6 +134,11 @@ def variants(cfg: dict, source: str = "config") -> dict[str, dict]:
     combos = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
     if len({name(values) for values in combos}) < len(combos):  # values that differ only in odd characters
         raise ConfigError(f"{source}: invalid config field 'grid': values {grid} do not give distinct variant names")
+    longest = max((name(values) for values in combos), key=lambda n: len(n.encode()))
+    if len(longest.encode()) > MAX_NAME_BYTES:  # a folder and a `<name>.yaml`: a file name holds 255 bytes
+        raise ConfigError(f"{source}: invalid config field 'grid': the variant name {longest[:60]!r}... is "
+                          f"{len(longest.encode())} bytes, over the {MAX_NAME_BYTES} a folder name can take here; "
+                          "use fewer axes or shorter values")
     return {name(values): point(cfg, values, f"{source} (grid variant {name(values)})") for values in combos}
 
 

@@ -107,6 +107,13 @@ BAD = {
                                   "config field 'pruning.allocation': 'everywhere' is not one of")),
     "empty value list": ({"evaluation.limit": []}, "invalid config field 'grid.evaluation.limit': [] should be non-empty"),
     "an axis of its own": ({"ratios": [[0.2], [0.3]]}, "invalid config field 'grid.ratios': ratios cannot be a grid axis"),
+    "names too long for a folder": ({path: [value] for path, value in (
+        ("calibration.num_sequences", 2), ("calibration.seq_len", 32), ("calibration.batch_size", 2),
+        ("evaluation.batch_size", 2), ("evaluation.perplexity.seq_len", 64), ("evaluation.fidelity.num_prompts", 2),
+        ("evaluation.fidelity.seq_len", 32), ("evaluation.efficiency.prefill_tokens", 16),
+        ("evaluation.efficiency.decode_tokens", 4), ("evaluation.efficiency.repeats", 1))},
+        ("invalid config field 'grid': the variant name 'calibration.num_sequences-2_calibration.seq_len-32_calibrati'"
+         "... is 307 bytes, over the 250 a folder name can take here")),
     "unknown criterion option": ({"criterion_options.taylor_ce.k": [4]},
                                  "'grid.criterion_options.taylor_ce.k': 'criterion_options.taylor_ce.k' is not a"),
 }
@@ -118,7 +125,7 @@ def test_bad_axis_stops_before_any_job(tmp_path, case):
     proc = _snakemake(tmp_path, "-n", "--configfile", str(_config(tmp_path, grid=grid)), check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    (line,) = [x for x in output.splitlines() if "invalid config field 'grid." in x]
+    (line,) = [x for x in output.splitlines() if "invalid config field 'grid" in x]
     assert message in line, output[-2000:]
     assert "Building DAG" not in output and not (tmp_path / "results").exists()
     assert 'File "' not in output and line.startswith("hfprune workflow: error: "), output[-2000:]
