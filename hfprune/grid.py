@@ -132,14 +132,15 @@ def variants(cfg: dict, source: str = "config") -> dict[str, dict]:
                 first = str(exc).splitlines()[0].removeprefix(f"{source}: ")
                 raise ConfigError(f"{source}: invalid config field 'grid.{path}': value {value!r}: {first}") from None
     combos = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
-    if len({name(values) for values in combos}) < len(combos):  # values that differ only in odd characters
+    names = [name(values) for values in combos]
+    if len(set(names)) < len(names):  # values that differ only in odd characters
         raise ConfigError(f"{source}: invalid config field 'grid': values {grid} do not give distinct variant names")
-    longest = max((name(values) for values in combos), key=lambda n: len(n.encode()))
+    longest = max(names, key=lambda n: len(n.encode()))
     if len(longest.encode()) > MAX_NAME_BYTES:  # a folder and a `<name>.yaml`: a file name holds 255 bytes
         raise ConfigError(f"{source}: invalid config field 'grid': the variant name {longest[:60]!r}... is "
                           f"{len(longest.encode())} bytes, over the {MAX_NAME_BYTES} a folder name can take here; "
                           "use fewer axes or shorter values")
-    return {name(values): point(cfg, values, f"{source} (grid variant {name(values)})") for values in combos}
+    return {n: point(cfg, values, f"{source} (grid variant {n})") for n, values in zip(names, combos)}
 
 
 def is_point(cfg: dict) -> bool:

@@ -141,3 +141,9 @@ def experiment_runs(db, experiment: str):
 
     client = MlflowClient(f"sqlite:///{db}")
     return client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=100)
+
+
+def no_snakefile_traceback(output: str) -> None:
+    """A workflow stopped by bad input shows hfprune's one error line, not Snakemake's traceback of the Snakefile."""
+    assert 'File "' not in output and "Error in file" not in output, output[-3000:]
+    assert sum(line.startswith("hfprune workflow: error: ") for line in output.splitlines()) == 1, output[-3000:]

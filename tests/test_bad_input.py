@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import no_snakefile_traceback
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,12 +54,6 @@ def _fails(proc: subprocess.CompletedProcess, *needles: str, rc: int = 2) -> str
     for needle in needles:
         assert needle in lines[0], f"{needle!r} not in:\n{err[-3000:]}"
     return lines[0]
-
-
-def _no_snakefile_traceback(output: str) -> None:
-    """A workflow stopped by bad input shows hfprune's error line, not Snakemake's traceback of the Snakefile."""
-    assert 'File "' not in output and "Error in file" not in output, output[-3000:]
-    assert sum(line.startswith("hfprune workflow: error: ") for line in output.splitlines()) == 1, output[-3000:]
 
 
 def _nothing_under(folder: Path) -> None:
@@ -196,7 +191,7 @@ def test_unknown_lm_eval_task_stops_the_workflow_and_the_job(tmp_path, tiny_llam
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "invalid config field 'evaluation.tasks'" in output, output[-3000:]
     assert "'no_such_task'" in output and "Building DAG" not in output
-    _no_snakefile_traceback(output)
+    no_snakefile_traceback(output)
     out = tmp_path / "metrics" / "dense.json"
     proc = _hfprune("evaluate", "--config", cfg, "--model", "m", "--out", out)
     _fails(proc, "invalid config field 'evaluation.tasks'", "unknown task(s) 'no_such_task'")
@@ -217,7 +212,7 @@ def test_unreachable_tracking_server_fails_fast_naming_the_uri(tmp_path, tiny_ll
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and f"MLflow tracking server {uri} is unreachable" in output, output[-3000:]
     assert not (tmp_path / "results").exists()
-    _no_snakefile_traceback(output)
+    no_snakefile_traceback(output)
     proc, out = _score(tmp_path, _config(tmp_path, tiny_llama_dir), env={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0  # tracking disabled in the config: the environment's URI is not contacted
 
