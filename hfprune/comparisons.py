@@ -5,9 +5,12 @@ A cell is (model, criterion, ratio, recovered) and holds one record file per cal
 dense row and for criteria that do not depend on the seed). Two cells are compared on every measure their
 records share: the per-unit differences A - B are pooled over seeds (seed s of A with seed s of B; a cell with
 one draw pairs with every draw of the other) and go to `hfprune.stats.paired_difference`, clustered by the
-unit's context (the same doc under several seeds is one cluster), stratified by task for averages. A table's
-p-values are Holm-corrected together, and a difference is called better/worse only when its corrected p is
-below 0.05; otherwise it is "indistinguishable".
+unit's context (the same doc under several seeds is one cluster), stratified by task for averages. That
+interval is conditional on the calibration sets that were drawn; with >= 3 seed pairs a second interval clusters
+by the seed pair too (two-way), covering the variation over calibration draws. The marks (hfprune.equivalence:
+equivalent / better / worse / undecided) use the first (`report.seed_effect: fixed`) or the second (`random`);
+each row names its inference target. CrowS-Pairs' pct_stereotype is lower-is-better: its own rows say so, and
+task averages leave it out.
 """
 
 from __future__ import annotations
@@ -18,14 +21,23 @@ from pathlib import Path
 
 import pandas as pd
 
+from hfprune import equivalence
 from hfprune.errors import HFPruneError
 from hfprune.evaluation.records import read_records, records_path
 from hfprune.plan import format_ratio
-from hfprune.stats import ALPHA, Paired, holm, paired_difference
+from hfprune.stats import Paired, paired_difference
 
 DENSE = "dense"
 # what the dense model scores against itself (exact by construction: hfprune.evaluation.fidelity)
 IDENTITY = {"js": 0.0, "jaccard": 1.0, "kl": 0.0}
+# tasks whose metric is lower-is-better (lm-eval's pct_stereotype): out of task averages, direction flipped
+LOWER_IS_BETTER_TASKS = ("crows_pairs",)
+MIN_SEEDS = 3  # seed pairs needed for an interval over calibration draws
+FIXED, RANDOM = "these calibration draws", "over calibration draws"
+
+
+def lower_is_better_task(group: str | None) -> bool:
+    return group is not None and any(t in group for t in LOWER_IS_BETTER_TASKS)
 
 
 @dataclass(frozen=True)
@@ -41,24 +53,26 @@ class Measure:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.measure in ("acc", "gold_prob", "jaccard")
+        return self.measure in ("acc", "gold_prob", "jaccard", "top1") and not lower_is_better_task(self.group)
 
     @property
     def scale(self) -> float:
-        return 100.0 if self.measure in ("acc", "gold_prob") else 1.0  # accuracies in percentage points
+        # accuracies, probabilities and rates in percentage points
+        return 100.0 if self.measure in ("acc", "gold_prob", "flip", "top1") else 1.0
 
     @property
     def label(self) -> str:
         names = {"logppl": "log-ppl", "js": "JS", "jaccard": "top-k Jaccard", "kl": "KL", "acc": "acc (pp)",
-                 "gold_prob": "gold prob (pp)"}
+                 "gold_prob": "gold prob (pp)", "flip": "flips (pp)", "top1": "top-1 agreement (pp)"}
         return f"{names.get(self.measure, self.measure)} {self.group or 'average'}"
 
 
 # the measures a Verdict table shows, in order; per-task ones go to the detail CSV
-HEADLINE = ("logppl", "js", "jaccard", "gold_prob", "acc")
+HEADLINE = ("logppl", "js", "jaccard", "top1", "gold_prob", "acc", "flip")
 
 
-ORDER = ("logppl", "js", "jaccard", "kl", "gold_prob", "acc")
+ORDER = ("logppl", "js", "jaccard", "kl", "top1", "gold_prob", "acc", "flip")
+PER_TASK = ("acc", "gold_prob", "flip")  # averaged over tasks
 
 
 def present(frames) -> set[tuple[str, str]]:
@@ -78,8 +92,9 @@ def measures(pairs: set[tuple[str, str]], headline: bool = False) -> list[Measur
         groups = sorted(g for m, g in pairs if m == name)
         if not groups or (headline and name not in HEADLINE):
             continue
-        if name in ("acc", "gold_prob"):
-            out.append(Measure(name, None))
+        if name in PER_TASK:
+            if any(not lower_is_better_task(g) for g in groups):
+                out.append(Measure(name, None))
             if not headline:
                 out += [Measure(name, g) for g in groups]
         else:
@@ -140,7 +155,9 @@ def _seed_pairs(a: dict, b: dict) -> list[tuple]:
 
 def _rows(frame: pd.DataFrame, measure: Measure) -> pd.DataFrame:
     rows = frame[frame["measure"] == measure.measure]
-    return rows if measure.group is None else rows[rows["group"] == measure.group]
+    if measure.group is None:  # a task average: lower-is-better tasks stay out of it
+        return rows[~rows["group"].map(lower_is_better_task)] if measure.measure in PER_TASK else rows
+    return rows[rows["group"] == measure.group]
 
 
 def differences(a: dict, b: dict, measure: Measure) -> pd.DataFrame:
@@ -165,36 +182,41 @@ def differences(a: dict, b: dict, measure: Measure) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def compare(a: dict, b: dict, measure: Measure) -> tuple[Paired, float, int]:
-    """(paired inference A - B, fraction of seed pairs in which A is better on their own mean difference,
-    number of seed pairs)."""
+def compare(a: dict, b: dict, measure: Measure) -> tuple[Paired, Paired | None, float, int]:
+    """(paired inference A - B conditional on the calibration draws, the same over calibration draws (two-way
+    clustered by seed pair; None with fewer than MIN_SEEDS seed pairs), fraction of seed pairs in which A is
+    better on their own mean difference, number of seed pairs)."""
     diffs = differences(a, b, measure)
     result = paired_difference(diffs["d"], diffs["cluster"], diffs["stratum"])
     per_pair = diffs.groupby("pair").apply(lambda g: g.groupby("stratum")["d"].mean().mean(), include_groups=False)
+    over = (paired_difference(diffs["d"], diffs["cluster"], diffs["stratum"], seeds=diffs["pair"])
+            if len(per_pair) >= MIN_SEEDS else None)
     better = per_pair > 0 if measure.higher_is_better else per_pair < 0
-    return result, float(better.mean()), len(per_pair)
+    return result, over, float(better.mean()), len(per_pair)
 
 
-def verdict(diff: float, p_holm: float, higher_is_better: bool) -> str:
-    if not math.isfinite(p_holm) or p_holm >= ALPHA or diff == 0:
-        return "indistinguishable"
-    return "better" if (diff > 0) == higher_is_better else "worse"
-
-
-def comparison_table(cells: dict[str, dict], pairs: list[tuple[str, str]], headline: bool = False) -> pd.DataFrame:
-    """Every pair (A, B) of `cells` (name -> {seed: records}) on every measure both have, one row each;
-    the table's p-values form one Holm family."""
+def comparison_table(cells: dict[str, dict], pairs: list[tuple[str, str]], headline: bool = False,
+                     margins: dict[str, float] | None = None, seed_effect: str = "fixed") -> pd.DataFrame:
+    """Every pair (A, B) of `cells` (name -> {seed: records}) on every measure both have, one row each, marked
+    (hfprune.equivalence) at `margins` (default: the defaults) on the interval `seed_effect` names (`random`:
+    over calibration draws where estimable, else conditional on them, as the row's `target` says); the table's
+    difference tests form one Holm family, its equivalence tests another."""
     rows = []
     for a, b in pairs:
         for m in pair_measures(cells[a], cells[b], headline):
-            result, wins, pairs = compare(cells[a], cells[b], m)
-            rows.append({"a": a, "b": b, "measure": m.key, "label": m.label, **result.as_dict(), "wins": wins,
-                         "pairs": pairs, "higher_is_better": m.higher_is_better, "scale": m.scale})
+            result, over, wins, n_pairs = compare(cells[a], cells[b], m)
+            decide = over if seed_effect == "random" and over is not None else result
+            margin = equivalence.margin_for(m.measure, margins)
+            draws = {f"{k}_draws": getattr(over, k) if over is not None else math.nan
+                     for k in ("lo", "hi", "se", "p", "df")}
+            rows.append({"a": a, "b": b, "measure": m.key, "label": m.label, **result.as_dict(), **draws,
+                         "wins": wins, "pairs": n_pairs, "higher_is_better": m.higher_is_better, "scale": m.scale,
+                         "margin": margin, "target": RANDOM if decide is over else FIXED,
+                         "p_decide": decide.p, "p_tost": equivalence.tost(decide, margin)})
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    table["p_holm"] = holm(table["p"])
-    table["verdict"] = [verdict(d, p, h) for d, p, h in zip(table["diff"], table["p_holm"], table["higher_is_better"])]
+    table = equivalence.add_marks(table, p="p_decide")
     return table
 
 
@@ -211,4 +233,5 @@ def format_difference(row) -> str:
 
 
 def mark(verdict_word: str) -> str:
-    return {"better": "**better**", "worse": "**worse**"}.get(verdict_word, "≈")
+    """A mark as the tables print it: decided ones in bold."""
+    return f"**{verdict_word}**" if verdict_word in ("better", "worse", "equivalent") else verdict_word

@@ -50,6 +50,12 @@ def _field(path) -> str:
     return out or "<root>"
 
 
+def _check_margins(cfg: dict, source: str) -> None:
+    from hfprune.equivalence import check_margins
+
+    check_margins(cfg, source)
+
+
 def validate_config(config: dict, source: str = "config") -> dict:
     """Return a validated deep copy of `config` with defaults filled in; raise ConfigError otherwise."""
     if not isinstance(config, dict):
@@ -85,6 +91,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
         raise ConfigError(f"{source}: invalid config field 'models': duplicate model name(s) {', '.join(dupes)}")
     _fill_families(cfg)
     _normalise_by_ratio(cfg, source)
+    _check_margins(cfg, source)
     _check_text_sources(cfg, source)
     ev = cfg["evaluation"]
     if ev["include_path"] is not None and not Path(ev["include_path"]).is_dir():

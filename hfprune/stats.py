@@ -7,6 +7,9 @@ The estimate is an OLS fit of the per-unit differences on one indicator per stra
 over tasks) with statsmodels' cluster-robust covariance; the reported difference is the plain mean of the
 strata means (the macro average lm-eval reports), with a t interval on (clusters - 1) degrees of freedom.
 With one unit per cluster and one stratum this is exactly the paired t-test (tests check it against scipy).
+With `seeds`, the calibration draw is a second clustering dimension (Cameron, Gelbach & Miller 2011, two-way
+cluster-robust errors through statsmodels; t on min(clusters, seeds) - 1 degrees of freedom): the interval then
+covers the variation over calibration draws, not only over docs.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Paired:
     n: int
     clusters: int
     mde: float
+    df: float = math.nan  # degrees of freedom of the t reference
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -54,12 +58,13 @@ def minimum_detectable(se: float, clusters: int, alpha: float = ALPHA, power: fl
     return float(effect) * se * math.sqrt(clusters)
 
 
-def paired_difference(diffs, clusters=None, strata=None, alpha: float = ALPHA) -> Paired:
+def paired_difference(diffs, clusters=None, strata=None, alpha: float = ALPHA, seeds=None) -> Paired:
     """Inference on per-unit differences `diffs` (A - B on the same unit).
 
     clusters: one label per unit (units of a label within a stratum are not independent); None = every unit its
     own cluster.
     strata: one label per unit (e.g. the task); the estimate is the unweighted mean of the strata means.
+    seeds: one calibration draw (seed pair) label per unit: a second, crossed clustering dimension.
     """
     d = np.asarray(diffs, dtype=np.float64)
     n = d.size
@@ -75,10 +80,14 @@ def paired_difference(diffs, clusters=None, strata=None, alpha: float = ALPHA) -
     means = np.array([d[strata_codes == j].mean() for j in range(k)])
     diff = float(contrast @ means)
     g = int(groups.max()) + 1
+    if seeds is not None:
+        seed_codes = _codes(seeds)
+        g = min(g, int(seed_codes.max()) + 1)
+        groups = np.column_stack([groups, seed_codes])
     tol = 1e-12 * max(1.0, float(np.abs(d).max()))
     if np.ptp(d) <= tol:
         # every unit differs by the same amount (e.g. a cell against itself): the difference is exact
-        return Paired(diff, diff, diff, 0.0, 1.0 if diff == 0 else 0.0, n, g, 0.0)
+        return Paired(diff, diff, diff, 0.0, 1.0 if diff == 0 else 0.0, n, g, 0.0, math.inf)
     if g < 2 or not np.any(np.abs(d - means[strata_codes]) > tol):
         # one cluster, or one unit per stratum (e.g. one doc per task): nothing estimates the spread
         return Paired(diff, math.nan, math.nan, math.nan, math.nan, n, g, math.nan)
@@ -89,7 +98,9 @@ def paired_difference(diffs, clusters=None, strata=None, alpha: float = ALPHA) -
     se = float(np.asarray(test.sd).ravel()[0])
     lo, hi = (float(x) for x in np.asarray(test.conf_int(alpha=alpha)).ravel()[:2])
     p = float(np.asarray(test.pvalue).ravel()[0])
-    return Paired(diff, lo, hi, se, p, n, g, minimum_detectable(se, g, alpha))
+    if not se > 0:  # two-way: V_docs + V_seeds - V_both can come out non-positive on few seeds
+        return Paired(diff, math.nan, math.nan, math.nan, math.nan, n, g, math.nan)
+    return Paired(diff, lo, hi, se, p, n, g, minimum_detectable(se, g, alpha), float(fit.df_resid_inference))
 
 
 def holm(pvalues) -> np.ndarray:
