@@ -23,7 +23,7 @@ from hfprune.errors import ConfigError
 from hfprune.stats import ALPHA, Paired, holm
 
 # smallest differences that matter, in record units (README "Margins" justifies each)
-DEFAULT_MARGINS = {"logppl": 0.02, "js": 0.01, "jaccard": 0.02, "kl": 0.02, "acc": 0.01, "gold_prob": 0.01,
+DEFAULT_MARGINS = {"logppl": 0.02, "js": 0.005, "jaccard": 0.02, "kl": 0.02, "acc": 0.01, "gold_prob": 0.01,
                    "flip": 0.01, "top1": 0.01}
 MARKS = ("equivalent", "better", "worse", "undecided")
 

@@ -448,9 +448,10 @@ def _hours(h: float) -> str:
     return f"{h * 60:.3g} min" if h < 1 else f"{h:.3g} h"
 
 
-def header(tflops: float | None) -> str:
+def header(tflops: float | None, source: str | None = None) -> str:
+    """`source`: where a rate not given with --tflops comes from (a CPU rate measured on benchmark files)."""
     rate = tflops or paper_tflops()
-    source = (f"{rate:.3g} effective TFLOP/s given with --tflops" if tflops else
+    source = source or (f"{rate:.3g} effective TFLOP/s given with --tflops" if tflops else
               f"{rate:.1f} effective TFLOP/s: the paper's GPU, calibrated on its Table 5 (LLaMA-2-7B entropy "
               f"scoring, {TABLE5['num_sequences']} x {TABLE5['seq_len']} tokens, {TABLE5['seconds']} s)")
     return ("ESTIMATES, not measurements (hfprune.estimates names every assumption): time = FLOPs / " + source

@@ -5,8 +5,9 @@
 - ``report.md``: first the **Verdicts** — per model x ratio (x recovered), every criterion against the baseline
   criterion (``report.baseline``, default the paper's CE) and against the dense model: paired differences with
   95 % CIs on log-perplexity, fidelity and (gold-choice probability, accuracy) task averages, Holm-corrected
-  marks (better / worse / indistinguishable) and the smallest difference the grid can detect; a forest plot and,
-  with several calibration seeds, how often each criterion beat the baseline across seeds. Then the paper's
+  marks (equivalent / better / worse / undecided at ``report.margins``, hfprune.equivalence), each with its
+  inference target, the interval over calibration draws beside it, the smallest difference the grid can detect and
+  a power plan (hfprune.power); a forest plot and, with several calibration seeds, the marks per measure. Then the paper's
   table forms, every number a mean over calibration seeds with its uncertainty:
 - ``tables/<model>.verdict.r<ratio>.csv`` (every paired comparison, per task too), ``tables/<model>.main.*``
   (Table 1 form: accuracy with 95 % CIs and n, average, perplexity, fidelity, size), ``<model>.ablation.*``
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hfprune import comparisons, grid, layout
+from hfprune import comparisons, equivalence, grid, layout, verdict_notes
 from hfprune.config import baseline_criterion, cell_seeds, score_ratios
 from hfprune.data import source_label
 from hfprune.errors import HFPruneError
@@ -219,13 +220,15 @@ def verdict_tables(cfg: dict, records: dict, ratio: str, recovered: bool, headli
     base = baseline_criterion(cfg)
     cells = {c: records[(c, ratio, recovered)] for c in cfg["criteria"] if (c, ratio, recovered) in records}
     out = {"baseline": pd.DataFrame(), "dense": pd.DataFrame()}
+    marking = {"margins": equivalence.margins(cfg), "seed_effect": cfg["report"]["seed_effect"]}
     if base in cells:
-        out["baseline"] = comparisons.comparison_table(cells, [(c, base) for c in cells if c != base], headline)
+        out["baseline"] = comparisons.comparison_table(cells, [(c, base) for c in cells if c != base], headline,
+                                                       **marking)
     dense_key = ("dense", format_ratio(0.0), False)
     if dense_key in records:
         cells[comparisons.DENSE] = records[dense_key]
         out["dense"] = comparisons.comparison_table(cells, [(c, comparisons.DENSE) for c in cells
-                                                            if c != comparisons.DENSE], headline)
+                                                            if c != comparisons.DENSE], headline, **marking)
     return out
 
 
@@ -239,10 +242,10 @@ def verdict_markdown(table: pd.DataFrame, columns: dict[str, str]) -> str:
     """Wide form: a row per comparison, a column per measure, 'Δ [lo, hi] mark' in each cell."""
     rows = []
     for (a, b), group in table.groupby(["a", "b"], sort=False):
-        row = {"comparison": f"{a} − {b}", "seed pairs": str(int(group["pairs"].iloc[0]))}
+        row = {"comparison": f"{a} − {b}", "seed pairs": str(int(group["pairs"].iloc[0])),
+               "target": " / ".join(dict.fromkeys(group["target"]))}
         for _, r in group.iterrows():
-            row[f"Δ {_task_label(r['label'], columns)}"] = (f"{comparisons.format_difference(r)} "
-                                                           f"{comparisons.mark(r['verdict'])}")
+            row[f"Δ {_task_label(r['label'], columns)}"] = verdict_notes.verdict_cell(r)
         rows.append(row)
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
@@ -514,8 +517,8 @@ def plot_metric_vs_ratio(cells: pd.DataFrame, metrics: list[str], out_png, title
 
 
 def plot_forest(table: pd.DataFrame, out_png, title: str) -> Path:
-    """Paired differences vs the baseline with 95 % CIs: a panel per measure, a row per comparison x ratio;
-    filled markers where the Holm-corrected difference is significant."""
+    """Paired differences vs the baseline with 95 % CIs: a panel per measure, a row per comparison x ratio, the
+    ±margin band shaded; coloured by mark (MARK_COLOURS), hollow where undecided."""
     plt = _pyplot()
     from matplotlib.ticker import SymmetricalLogLocator
     labels = list(dict.fromkeys(table["label"]))
@@ -527,10 +530,13 @@ def plot_forest(table: pd.DataFrame, out_png, title: str) -> Path:
         y = [rows.index(r) for r in sub["row"]]
         scale = sub["scale"].to_numpy(float)
         for yi, d, lo, hi, v, sc in zip(y, sub["diff"], sub["lo"], sub["hi"], sub["verdict"], scale):
-            color = {"better": "tab:green", "worse": "tab:red"}.get(v, "tab:grey")
+            color = MARK_COLOURS.get(v, "tab:grey")
             xerr = None if not (math.isfinite(lo) and math.isfinite(hi)) else [[(d - lo) * sc], [(hi - d) * sc]]
             ax.errorbar([d * sc], [yi], xerr=xerr, fmt="o", color=color, capsize=3,
-                        markerfacecolor=color if v in ("better", "worse") else "white")
+                        markerfacecolor=color if v != "undecided" else "white")
+        margin = float(sub["margin"].iloc[0]) * float(sub["scale"].iloc[0]) if "margin" in sub else math.nan
+        if math.isfinite(margin) and margin > 0:
+            ax.axvspan(-margin, margin, color="tab:blue", alpha=0.12, linewidth=0)
         ax.axvline(0, color="black", linewidth=0.8)
         # a far-off criterion (magnitude) would squeeze the close ones into a dot at 0: linear within the
         # typical CI half-width (rounded up to a power of ten, so the first decade ticks sit at the linear
@@ -552,21 +558,31 @@ def plot_forest(table: pd.DataFrame, out_png, title: str) -> Path:
     return _save(fig, out_png)
 
 
+MARK_COLOURS = {"equivalent": "tab:blue", "better": "tab:green", "worse": "tab:red", "undecided": "tab:grey"}
+
+
 def plot_rank_stability(table: pd.DataFrame, out_png, title: str) -> Path:
-    """How often each criterion beat the baseline across calibration seeds, per measure."""
+    """Each criterion's mark vs the baseline per measure (the colour), with the count of seeds on which A beat
+    it (a count, not a test): a bright cell is a decided one, never a magnitude."""
     plt = _pyplot()
-    grid = table.pivot_table(index="row", columns="label", values="wins", aggfunc="first", sort=False)
+    from matplotlib.colors import ListedColormap
+
+    order = list(MARK_COLOURS)
+    codes = table.assign(code=table["verdict"].map(order.index))
+    grid = codes.pivot_table(index="row", columns="label", values="code", aggfunc="first", sort=False)
+    wins = table.pivot_table(index="row", columns="label", values="wins", aggfunc="first", sort=False)
     pairs = table.pivot_table(index="row", columns="label", values="pairs", aggfunc="first", sort=False)
-    fig, ax = plt.subplots(figsize=(1.4 * grid.shape[1] + 3, 0.45 * grid.shape[0] + 1.8))
-    image = ax.imshow(grid.to_numpy(float), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    fig, ax = plt.subplots(figsize=(1.6 * grid.shape[1] + 3, 0.45 * grid.shape[0] + 1.8))
+    ax.imshow(grid.to_numpy(float), vmin=-0.5, vmax=len(order) - 0.5, aspect="auto",
+              cmap=ListedColormap([MARK_COLOURS[m] for m in order]), alpha=0.6)
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
-            w, n = grid.iat[i, j], pairs.iat[i, j]
-            if math.isfinite(w):
-                ax.text(j, i, f"{round(w * n)}/{int(n)}", ha="center", va="center", fontsize=8)
+            code, w, n = grid.iat[i, j], wins.iat[i, j], pairs.iat[i, j]
+            if math.isfinite(code):
+                ax.text(j, i, f"{order[int(code)]}\n{round(w * n)}/{int(n)} seeds", ha="center", va="center",
+                        fontsize=7)
     ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=30, ha="right")
     ax.set_yticks(range(grid.shape[0]), grid.index)
-    fig.colorbar(image, ax=ax, label="fraction of seeds better than the baseline")
     ax.set_title(title)
     return _save(fig, out_png)
 
@@ -678,14 +694,12 @@ def _verdict_intro(cfg: dict) -> list[str]:
          "windows of one document and one doc's repeats across seeds are one cluster). log-ppl: mean NLL per "
          "token in nats (Δ −0.05 ≈ 5 % lower perplexity; lower is better); JS / top-k Jaccard: fidelity to the "
          "dense model (JS lower, Jaccard higher is better); gold prob: probability of the correct choice under the "
-         "task's normalisation, averaged over tasks (pp); acc: accuracy averaged over tasks (pp). **better** / "
-         "**worse**: Holm-corrected p < 0.05 within the table (the CIs are per comparison, uncorrected, so a CI "
-         "that misses 0 can still be ≈); ≈: indistinguishable at this grid's size. The "
-         "line under each table gives the smallest difference the grid could detect: raise `evaluation.limit`, "
-         "the perplexity tokens or the seeds to detect smaller ones."),
+         "task's normalisation, averaged over tasks (pp); acc: accuracy averaged over tasks (pp)."),
+        "",
+        verdict_notes.marks_intro(cfg),
         "",
         ("On small models that score near chance on the zero-shot tasks, accuracy differences stay "
-         "indistinguishable unless they are very large: perplexity and fidelity separate the criteria far "
+         "undecided unless they are very large: perplexity and fidelity separate the criteria far "
          "better, and the verdicts above rest on them."),
         "",
     ]
@@ -695,8 +709,9 @@ def _verdicts(cfg: dict, model: str, records: dict, columns: dict[str, str], roo
               prefix: str) -> tuple[list[str], dict]:
     """The Verdict section of one model and the ablation marks {(criterion, ratio): mark} it implies; its files
     are named `<prefix><model>.*`."""
-    lines, marks, forest = [f"### {model}", ""], {}, []
+    lines, marks, forest = [f"### {model}", "", *verdict_notes.seed_effect_warning(cfg, model)], {}, []
     base = baseline_criterion(cfg)
+    costs, rate_note = verdict_notes.power_costs(cfg, model)
     tables_dir = root / "tables"
     (tables_dir / prefix).mkdir(parents=True, exist_ok=True)
     for recovered in (False, True) if cfg["recovery"]["enabled"] else (False,):
@@ -713,7 +728,10 @@ def _verdicts(cfg: dict, model: str, records: dict, columns: dict[str, str], roo
                 if table.empty:
                     continue
                 lines += [f"vs {base if name == 'baseline' else 'dense'}:", "",
-                          verdict_markdown(table, columns), "", power_line(table, columns), ""]
+                          verdict_markdown(table, columns), "", power_line(table, columns), "",
+                          verdict_notes.target_line(cfg, table), ""]
+                if name == "baseline":
+                    lines += verdict_notes.power_plan_lines(cfg, table, costs, rate_note)
             lines += [f"Every measure, per task too: [CSV]({os.path.relpath(csv, root)})", ""]
             table = headline["baseline"]
             if not table.empty:
@@ -725,11 +743,11 @@ def _verdicts(cfg: dict, model: str, records: dict, columns: dict[str, str], roo
     if forest:
         rows = pd.concat(forest, ignore_index=True)
         plots = root / "plots"
-        made = [plot_forest(rows, plots / f"{prefix}{model}.forest.png", f"{model}: differences vs {base} (95 % CI)")]
+        made = [plot_forest(rows, plots / f"{prefix}{model}.forest.png",
+                            f"{model}: differences vs {base} (95 % CI; shaded: ±margin)")]
         if (rows["pairs"] > 1).any():
             made.append(plot_rank_stability(rows, plots / f"{prefix}{model}.rank_stability.png",
-                                            f"{model}: seeds on which A beat {base} (a count, not a test: "
-                                            "see the CIs)"))
+                                            f"{model}: marks vs {base}, with the seeds on which A beat it"))
         lines += [f"![{p.stem}]({os.path.relpath(p, root)})" for p in made] + [""]
     return lines, marks
 
@@ -763,11 +781,12 @@ def _variant_report(cfg: dict, runs: pd.DataFrame, columns: dict[str, str], root
                  "over tasks), averaged over calibration seeds; perplexity and fidelity: mean ± sd over seeds. "
                  "The dense row is **not fine-tuned**; `+LoRA` rows are after LoRA recovery; `(paper)` rows "
                  "are the paper's figures (pruned rows after LoRA recovery, 2 epochs LaMini; their average is "
-                 "over the paper's 10 tasks, ours over the columns our suite has)." )
+                 "over the paper's 10 tasks, ours over the columns our suite has)." + verdict_notes.crows_pairs_footnote(task_columns))
         _section(sections, "Criterion ablation, average accuracy % without fine-tuning (Table 6 form)",
                  ablation_table(mine, cfg["criteria"], paper_name, marks), tables / f"{prefix}{model}.ablation", root,
                  "95 % CIs; the mark says whether the paired difference from the baseline is significant "
-                 "(Holm, see Verdicts): ≈ = indistinguishable. Never read a ranking into ≈ cells."
+                 "(Holm, see Verdicts): equivalent / better / worse / undecided. Never read a ranking into undecided "
+                 "cells."
                  + (f" Dense average: {_number(mine[mine['criterion'] == 'dense']['average'].iloc[0], '.1f')}."
                     if (mine["criterion"] == "dense").any() else ""))
         _section(sections, "Output fidelity to the dense model, without fine-tuning (Table 7 form)",

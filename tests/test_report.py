@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from hfprune import comparisons, report
+from hfprune import comparisons, equivalence, report
 from hfprune.cli import main as cli_main
 from hfprune.config import cell_seeds, validate_config
 from hfprune.errors import HFPruneError
@@ -209,6 +209,10 @@ def test_verdicts_come_first_and_equal_an_independent_paired_computation(experim
     text = md.read_text()
     assert text.index("## Verdicts") < text.index("# Tables and plots")
     assert "random − magnitude" in text and "random − dense" in text and "Smallest detectable" in text
+    # marks, their inference target and what the seeds generalise to (2 seeds: not estimable), the power plan
+    assert "Inference target of the marks: these calibration draws" in text
+    assert "over calibration draws: not estimable (2 seeds)" in text and "**Warning:**" not in text
+    assert "Power plan (hfprune.power)" in text or "every comparison in this table is decided" in text
     detail = pd.read_csv(tmp_path / "out/tables/tiny.verdict.r0.2.csv")
     row = detail[(detail["family"] == "baseline") & (detail["measure"] == "logppl:wiki")].iloc[0]
     assert (row["a"], row["b"], row["pairs"]) == ("random", "magnitude", 2)
@@ -228,8 +232,18 @@ def test_verdicts_come_first_and_equal_an_independent_paired_computation(experim
     assert {"acc:offline_boolq", "gold_prob:average", "js:lambada"} <= set(detail["measure"])
     for family, group in detail.groupby("family"):
         assert list(group["p_holm"]) == pytest.approx(list(holm(group["p"])))
+        assert list(group["p_tost_holm"]) == pytest.approx(list(holm(group["p_tost"])), nan_ok=True)
+    assert set(detail["verdict"]) <= set(equivalence.MARKS) and (detail["target"] == comparisons.FIXED).all()
     plots = tmp_path / "out/plots"
     assert (plots / "tiny.forest.png").stat().st_size > 5000 and (plots / "tiny.rank_stability.png").is_file()
+
+
+def test_random_seed_effect_on_too_few_seeds_is_a_warning_line(experiment, tmp_path):
+    cfg = validate_config({**copy.deepcopy(experiment), "report": {**experiment["report"], "seed_effect": "random"}})
+    text = report.write_report(cfg, tmp_path / "out").read_text()
+    assert ("**Warning:** `report.seed_effect: random`, but tiny has 2 calibration seed(s): the interval over "
+            "calibration draws is not estimable (2 seeds, 3 needed)") in text
+    assert "over calibration draws where a model has ≥ 3 seeds" in text
 
 
 def test_compare_prints_the_reports_numbers(experiment, tmp_path, capsys):
@@ -256,8 +270,8 @@ def test_ablation_fidelity_efficiency_and_scoring_tables(experiment, tmp_path):
     assert ablation["ratio"].tolist() == [0.2, 0.3]
     runs = _seed_runs(exp, "random", 0.3)
     assert ablation.loc[1, "random"] == pytest.approx(100 * sum(m["average"] for m in runs) / len(runs))
-    assert ablation.loc[0, "magnitude_mark"] == "(baseline)" and ablation.loc[0, "random_mark"] in ("≈", "**better**",
-                                                                                                 "**worse**")
+    assert ablation.loc[0, "magnitude_mark"] == "(baseline)"
+    assert ablation.loc[0, "random_mark"] in ("undecided", "**equivalent**", "**better**", "**worse**")
     assert (ablation.loc[0, "taylor_entropy — IE (HFPrune) (paper)"] == 53.1
             and ablation.loc[1, "taylor_ce — CE criterion (Taylor, act.) (paper)"] == 46.8)
     fid = pd.read_csv(tables / "tiny.fidelity.csv")

@@ -1,6 +1,9 @@
 """Paired comparison of two evaluated cells of one model and ratio, from their per-unit records: the mean
-difference A - B with its 95 % CI, p-value (Holm-corrected as in the report), the verdict and the smallest
-difference the grid can detect, per measure. The numbers are the report's Verdict table's for the same pair."""
+difference A - B with its 95 % CI (and over calibration draws, with >= 3 seeds), p-values of the difference and
+equivalence tests (Holm-corrected as in the report), the mark, its inference target and the smallest difference
+the grid can detect, per measure. The numbers are the report's Verdict table's for the same pair."""
+
+import math
 
 from hfprune.commands import add_config_argument, add_model_argument
 from hfprune.config import load_job_config
@@ -71,12 +74,22 @@ def run(args) -> int:
             table = full[(full["a"] == args.a) & (full["b"] == args.b)] if not full.empty else full
             family = f"the report's table of every criterion vs {args.b}"
     if table.empty:
-        table = comparisons.comparison_table(cells, [(args.a, args.b)], headline=not args.all)
+        from hfprune.equivalence import margins
+
+        table = comparisons.comparison_table(cells, [(args.a, args.b)], headline=not args.all, margins=margins(cfg),
+                                             seed_effect=cfg["report"]["seed_effect"])
     out = pd.DataFrame({
         "measure": table["label"],
         "Δ A−B [95 % CI]": [comparisons.format_difference(r) for _, r in table.iterrows()],
+        "over draws [95 % CI]": [f"[{comparisons.format_value(r['lo_draws'], r['scale'])}, "
+                                 f"{comparisons.format_value(r['hi_draws'], r['scale'])}]"
+                                 if math.isfinite(r["lo_draws"]) else f"not estimable ({r['pairs']} seeds)"
+                                 for _, r in table.iterrows()],
+        "margin": [comparisons.format_value(m, s).lstrip("+") for m, s in zip(table["margin"], table["scale"])],
         "p": table["p"].map(lambda p: f"{p:.3g}"), "p (Holm)": table["p_holm"].map(lambda p: f"{p:.3g}"),
-        "verdict": table["verdict"], "n": table["n"], "clusters": table["clusters"], "seed pairs": table["pairs"],
+        "p TOST (Holm)": table["p_tost_holm"].map(lambda p: f"{p:.3g}"),
+        "mark": table["verdict"], "target": table["target"], "n": table["n"], "clusters": table["clusters"],
+        "seed pairs": table["pairs"],
         "smallest detectable": [comparisons.format_value(m, s).lstrip("+") for m, s in zip(table["mde"],
                                                                                           table["scale"])]})
     print(f"{args.model}, ratio {ratio}{' +LoRA' if args.recovered else ''}: {args.a} − {args.b} "

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 from hfprune.config import load_config, model_entry
 from hfprune.errors import ConfigError, HFPruneError
 
-HELP = "estimate FLOPs, peak memory and GPU-hours per model and stage before running a grid"
+HELP = ("estimate FLOPs, peak memory and GPU-hours per model and stage before running a grid; --power: the units "
+        "that would decide a grid's undecided verdicts")
 
 
 def add_arguments(parser):
@@ -18,6 +19,9 @@ def add_arguments(parser):
     parser.add_argument("--arch-json", metavar="FILE",
                         help="config.json of --model, for a hub model whose config is not cached here")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    parser.add_argument("--power", action="store_true",
+                        help="for a grid that has run: the units and seeds that would decide each undecided "
+                             "comparison vs the baseline (80 %% power at its margin) and their cost")
 
 
 def _architecture(cfg: dict, name: str, arch_json: str | None):
@@ -43,13 +47,50 @@ def run(args) -> int:
     if args.arch_json is not None and args.model is None:
         raise ConfigError("--arch-json describes one model: name it with --model")
     names = [model_entry(cfg, args.model)["name"]] if args.model else [m["name"] for m in cfg["models"]]
+    if args.power:
+        return _power_plan(cfg, names, args.tflops)
     archs = {name: _architecture(cfg, name, args.arch_json) for name in names}
-    df = estimates.grid_table(cfg, archs, args.tflops)
-    print(estimates.header(args.tflops))
+    rate, source = args.tflops, None
+    if rate is None and cfg["device"] == "cpu":  # a CPU grid that has run prices at its own measured rate
+        from hfprune.power import measured_tflops
+
+        rate, source = measured_tflops(cfg, estimates.grid_table(cfg, archs)) or (None, None)
+        source = source and f"{source} (the GPU-h columns are then CPU hours)"
+    df = estimates.grid_table(cfg, archs, rate)
+    print(estimates.header(rate, source))
     print()
     print(estimates.format_table(df, args.markdown))
     print()
     print(estimates.format_totals(estimates.stage_totals(df), args.markdown))
-    for note in estimates.notes(cfg, df, args.tflops):
+    for note in estimates.notes(cfg, df, rate):
         print(f"note: {note}")
+    return 0
+
+
+def _power_plan(cfg: dict, names: list[str], tflops: float | None) -> int:
+    """The report's power plans (hfprune.power) of every evaluated model x ratio of the config."""
+    from hfprune import grid, report, verdict_notes
+    from hfprune.plan import format_ratio
+
+    printed = False
+    for variant, vcfg in grid.variants(cfg).items():
+        runs, _columns, _missing = report.load_runs(vcfg)
+        if runs.empty:
+            continue
+        cells = report.aggregate(runs)
+        for model in names:
+            records = report.load_records(vcfg, model, cells)
+            costs, note = verdict_notes.power_costs(vcfg, model, tflops)
+            for recovered in (False, True) if vcfg["recovery"]["enabled"] else (False,):
+                for ratio in map(format_ratio, vcfg["ratios"]):
+                    table = report.verdict_tables(vcfg, records, ratio, recovered)["baseline"]
+                    if table.empty:
+                        continue
+                    print(f"## {f'variant {variant}: ' if variant else ''}{model}, ratio {ratio}"
+                          f"{' +LoRA' if recovered else ''}, vs {report.baseline_criterion(vcfg)}\n")
+                    print("\n".join(verdict_notes.power_plan_lines(vcfg, table, costs, note)))
+                    printed = True
+    if not printed:
+        raise HFPruneError(f"--power needs a grid that has run: no evaluated cells of this config under "
+                           f"{report.experiment_dir(cfg)}; run it first (or drop --power for the a-priori estimate)")
     return 0
