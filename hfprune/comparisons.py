@@ -182,17 +182,17 @@ def differences(a: dict, b: dict, measure: Measure) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def compare(a: dict, b: dict, measure: Measure) -> tuple[Paired, Paired | None, float, int]:
+def compare(a: dict, b: dict, measure: Measure) -> tuple[Paired, Paired | None, float, int, int]:
     """(paired inference A - B conditional on the calibration draws, the same over calibration draws (two-way
     clustered by seed pair; None with fewer than MIN_SEEDS seed pairs), fraction of seed pairs in which A is
-    better on their own mean difference, number of seed pairs)."""
+    better on their own mean difference, number of seed pairs, number of strata (tasks of an average))."""
     diffs = differences(a, b, measure)
     result = paired_difference(diffs["d"], diffs["cluster"], diffs["stratum"])
     per_pair = diffs.groupby("pair").apply(lambda g: g.groupby("stratum")["d"].mean().mean(), include_groups=False)
     over = (paired_difference(diffs["d"], diffs["cluster"], diffs["stratum"], seeds=diffs["pair"])
             if len(per_pair) >= MIN_SEEDS else None)
     better = per_pair > 0 if measure.higher_is_better else per_pair < 0
-    return result, over, float(better.mean()), len(per_pair)
+    return result, over, float(better.mean()), len(per_pair), int(diffs["stratum"].nunique())
 
 
 def comparison_table(cells: dict[str, dict], pairs: list[tuple[str, str]], headline: bool = False,
@@ -204,13 +204,13 @@ def comparison_table(cells: dict[str, dict], pairs: list[tuple[str, str]], headl
     rows = []
     for a, b in pairs:
         for m in pair_measures(cells[a], cells[b], headline):
-            result, over, wins, n_pairs = compare(cells[a], cells[b], m)
+            result, over, wins, n_pairs, strata = compare(cells[a], cells[b], m)
             decide = over if seed_effect == "random" and over is not None else result
             margin = equivalence.margin_for(m.measure, margins)
             draws = {f"{k}_draws": getattr(over, k) if over is not None else math.nan
                      for k in ("lo", "hi", "se", "p", "df")}
             rows.append({"a": a, "b": b, "measure": m.key, "label": m.label, **result.as_dict(), **draws,
-                         "wins": wins, "pairs": n_pairs, "higher_is_better": m.higher_is_better, "scale": m.scale,
+                         "wins": wins, "pairs": n_pairs, "strata": strata, "higher_is_better": m.higher_is_better, "scale": m.scale,
                          "margin": margin, "target": RANDOM if decide is over else FIXED,
                          "p_decide": decide.p, "p_tost": equivalence.tost(decide, margin)})
     table = pd.DataFrame(rows)

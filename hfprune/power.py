@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from hfprune.comparisons import MIN_SEEDS
 from hfprune.stats import ALPHA, POWER
 
 CAP = 10 ** 6  # clusters beyond which a plan says "more than"
@@ -72,18 +73,7 @@ UNITS = {"acc": ("docs per task", "lm-eval", "evaluation.limit"),
          "top1": ("prompts", "fidelity", "evaluation.fidelity.num_prompts")}
 
 
-def _now(cfg: dict, measure: str, row) -> float:
-    """Units per seed pair today in the unit UNITS names."""
-    ev = cfg["evaluation"]
-    if UNITS[measure][0] == "prompts":
-        return float(ev["fidelity"]["num_prompts"])
-    units = row["n"] / row["pairs"]
-    if UNITS[measure][0] == "docs per task" and ev["limit"] is not None:
-        return float(min(ev["limit"], units))
-    return float(units)
-
-
-def plan(cfg: dict, table: pd.DataFrame, costs: dict | None = None) -> pd.DataFrame:
+def plan(table: pd.DataFrame, costs: dict | None = None) -> pd.DataFrame:
     """One row per undecided comparison of a (headline) Verdict table: the goal, the units and seeds that would
     decide it, and (with `costs` from `evaluation_costs`) the extra evaluation minutes."""
     if table.empty:
@@ -100,7 +90,7 @@ def plan(cfg: dict, table: pd.DataFrame, costs: dict | None = None) -> pd.DataFr
                "seed_minutes": math.nan}
         if name in UNITS:
             row["unit"], part, row["setting"] = UNITS[name]
-            row["now"] = _now(cfg, name, r)
+            row["now"] = float(r["n"] / r["pairs"] / r["strata"])  # per seed pair, per task of an average
             row["needed"] = math.ceil(row["now"] * factor) if math.isfinite(factor) else factor
             if costs is not None and math.isfinite(factor):
                 seconds = sum(s for p, s in costs.items() if p.startswith(part))
@@ -130,8 +120,9 @@ def plan_markdown(plan_rows: pd.DataFrame, rate_note: str) -> str:
         "units (per seed) now → needed": [f"{u}: {_count(n)} → {_count(m)} ({s})" if u else "n/a" for u, n, m, s in
                                           zip(plan_rows["unit"], plan_rows["now"], plan_rows["needed"],
                                               plan_rows["setting"])],
-        "seeds now → needed (over draws)": [f"{n} → {_count(m)}" for n, m in zip(plan_rows["seeds_now"],
-                                                                                plan_rows["seeds_needed"])],
+        "seeds now → needed (over draws)": [f"{n} → {_count(m)}" if n >= MIN_SEEDS else
+                                            f"{n} → not estimable ({MIN_SEEDS} needed to measure the seed spread)"
+                                            for n, m in zip(plan_rows["seeds_now"], plan_rows["seeds_needed"])],
         "extra min (units)": [_minutes(m) for m in plan_rows["minutes"]],
         "extra min (seeds)": [_minutes(m) for m in plan_rows["seed_minutes"]]})
     return (out.to_markdown(index=False, disable_numparse=True) + "\n\n" + "Power plan (hfprune.power): units that "

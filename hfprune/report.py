@@ -731,7 +731,7 @@ def _verdicts(cfg: dict, model: str, records: dict, columns: dict[str, str], roo
                           verdict_markdown(table, columns), "", power_line(table, columns), "",
                           verdict_notes.target_line(cfg, table), ""]
                 if name == "baseline":
-                    lines += verdict_notes.power_plan_lines(cfg, table, costs, rate_note)
+                    lines += verdict_notes.power_plan_lines(table, costs, rate_note)
             lines += [f"Every measure, per task too: [CSV]({os.path.relpath(csv, root)})", ""]
             table = headline["baseline"]
             if not table.empty:

@@ -62,7 +62,7 @@ def target_line(cfg: dict, table: pd.DataFrame) -> str:
     """What the table's marks generalise to, in words."""
     pairs = int(table["pairs"].min())
     over = (f"the interval over calibration draws is shown as `draws` ({int(table['pairs'].max())} seed pairs)"
-            if table["lo_draws"].notna().any() else f"over calibration draws: not estimable ({pairs} seeds)")
+            if table["lo_draws"].notna().any() else f"over calibration draws: not estimable ({pairs} seed{'s' if pairs != 1 else ''})")
     return (f"Inference target of the marks: {', '.join(dict.fromkeys(table['target']))}; {over}.")
 
 
@@ -90,10 +90,10 @@ def power_costs(cfg: dict, model: str, tflops: float | None = None) -> tuple[dic
     return power.evaluation_costs(cfg, rows, model, rate), f"hfprune.estimates' FLOPs at {note}"
 
 
-def power_plan_lines(cfg: dict, table: pd.DataFrame, costs: dict | None, rate_note: str) -> list[str]:
+def power_plan_lines(table: pd.DataFrame, costs: dict | None, rate_note: str) -> list[str]:
     from hfprune import power
 
-    rows = power.plan(cfg, table, costs)
+    rows = power.plan(table, costs)
     if rows.empty:
         return ["Power plan: every comparison in this table is decided.", ""]
     return [power.plan_markdown(rows, rate_note), ""]

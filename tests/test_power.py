@@ -54,14 +54,14 @@ def test_plan_lists_undecided_rows_with_more_units_and_seeds():
     b = {s: _records(base) for s in range(3)}
     table = comparisons.comparison_table({"a": a, "b": b}, [("a", "b")])
     assert table["verdict"].iloc[0] == "undecided"
-    cfg = {"evaluation": {"limit": None, "fidelity": {"num_prompts": 8}}}
     costs = {"perplexity wiki": 120.0, "lm-eval": 600.0, "seed": 300.0}
-    rows = power.plan(cfg, table, costs)
+    rows = power.plan(table, costs)
     row = rows.iloc[0]
     assert row["unit"] == "windows" and row["now"] == 40 and row["needed"] > 40
     assert row["needed"] == math.ceil(40 * row["factor"])
     assert row["minutes"] == pytest.approx(120.0 * (row["factor"] - 1) / 60)  # only the perplexity part re-runs
     assert row["seeds_now"] == 3 and row["seeds_needed"] > 3
+    assert row["seed_minutes"] == pytest.approx(300.0 * (row["seeds_needed"] - 3) / 60)
     text = power.plan_markdown(rows, "a rate")
     assert "windows: 40 → " in text and "evaluation.perplexity.max_tokens" in text
 

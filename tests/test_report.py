@@ -101,6 +101,7 @@ def experiment(tmp_path_factory):
     cfg = _config(tmp_path)
     exp = report.experiment_dir(cfg)
     dense = tiny_model("llama")
+    dense.config.save_pretrained(tmp_path / "tiny")  # its architecture prices the power plan
     ids = torch.randint(0, dense.config.vocab_size, (8, 24), generator=torch.Generator().manual_seed(0))
     _write_cell(exp / "metrics/tiny/dense.json", dense, dense,
                 {"model": "tiny", "family": "llama", "criterion": "dense", "ratio": 0.0, "recovered": False,
@@ -244,6 +245,22 @@ def test_random_seed_effect_on_too_few_seeds_is_a_warning_line(experiment, tmp_p
     assert ("**Warning:** `report.seed_effect: random`, but tiny has 2 calibration seed(s): the interval over "
             "calibration draws is not estimable (2 seeds, 3 needed)") in text
     assert "over calibration draws where a model has ≥ 3 seeds" in text
+
+
+def test_estimate_power_prints_the_reports_plans_and_needs_a_grid_that_ran(experiment, tmp_path, capsys):
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(experiment))
+    assert cli_main(["estimate", "--config", str(cfg_file), "--power"]) == 0
+    out = capsys.readouterr().out
+    assert "## tiny, ratio 0.2, vs magnitude" in out and "the paper's GPU" in out
+    text = report.write_report(experiment, tmp_path / "out").read_text()
+    plans = [line for line in out.splitlines() if line.startswith("| random − magnitude")]
+    assert plans and all(line in text for line in plans)  # the report's own plan, priced
+    assert any(re.search(r"\| \d[\d,]*\.\d +\|", line) for line in plans)  # extra minutes, not n/a
+    cfg_file.write_text(json.dumps({**experiment, "experiment": "never-ran"}))
+    assert cli_main(["estimate", "--config", str(cfg_file), "--power"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--power needs a grid that has run" in err and "\n" not in err
 
 
 def test_compare_prints_the_reports_numbers(experiment, tmp_path, capsys):

@@ -88,7 +88,7 @@ def _power_plan(cfg: dict, names: list[str], tflops: float | None) -> int:
                         continue
                     print(f"## {f'variant {variant}: ' if variant else ''}{model}, ratio {ratio}"
                           f"{' +LoRA' if recovered else ''}, vs {report.baseline_criterion(vcfg)}\n")
-                    print("\n".join(verdict_notes.power_plan_lines(vcfg, table, costs, note)))
+                    print("\n".join(verdict_notes.power_plan_lines(table, costs, note)))
                     printed = True
     if not printed:
         raise HFPruneError(f"--power needs a grid that has run: no evaluated cells of this config under "
