@@ -110,7 +110,9 @@ def _count(value: float) -> str:
 
 
 def _minutes(value: float) -> str:
-    return f"{value:,.1f}" if math.isfinite(value) else "n/a"
+    if not math.isfinite(value):
+        return "n/a"
+    return f"{value:,.1f}" if value >= 0.1 or value == 0 else f"{value * 60:.2g} s"
 
 
 def plan_markdown(plan_rows: pd.DataFrame, rate_note: str) -> str:

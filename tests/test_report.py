@@ -256,7 +256,7 @@ def test_estimate_power_prints_the_reports_plans_and_needs_a_grid_that_ran(exper
     text = report.write_report(experiment, tmp_path / "out").read_text()
     plans = [line for line in out.splitlines() if line.startswith("| random − magnitude")]
     assert plans and all(line in text for line in plans)  # the report's own plan, priced
-    assert any(re.search(r"\| \d[\d,]*\.\d +\|", line) for line in plans)  # extra minutes, not n/a
+    assert any(re.search(r"\| (\d[\d,]*\.\d|[\d.e-]+ s) +\|", line) for line in plans)  # a cost, not n/a
     cfg_file.write_text(json.dumps({**experiment, "experiment": "never-ran"}))
     assert cli_main(["estimate", "--config", str(cfg_file), "--power"]) == 2
     err = capsys.readouterr().err.strip()
