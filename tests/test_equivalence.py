@@ -12,7 +12,7 @@ import pytest
 import scipy.stats as st
 from statsmodels.stats.weightstats import ttost_paired
 
-from hfprune import comparisons, equivalence
+from hfprune import comparisons, equivalence, verdict_notes
 from hfprune.config import validate_config
 from hfprune.errors import ConfigError
 from hfprune.stats import holm, paired_difference
@@ -134,6 +134,9 @@ def test_crows_pairs_is_lower_is_better_and_out_of_the_average():
     assert table.loc["acc:average", "diff"] == 0.0  # boolq only
     row = table.loc["acc:crows_pairs_english"]
     assert row["diff"] < 0 and not row["higher_is_better"] and row["verdict"] == "better"
+    # the paper-format table keeps the paper's average and says so in a footnote
+    assert "in lm-eval lower is better" in verdict_notes.crows_pairs_footnote(["boolq", "crows_pairs"])
+    assert verdict_notes.crows_pairs_footnote(["boolq", "arc_easy"]) == ""
 
 
 def test_bad_margins_are_one_line_naming_the_field(tmp_path):
