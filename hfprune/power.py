@@ -154,7 +154,7 @@ def measured_tflops(cfg: dict, grid_rows: pd.DataFrame) -> tuple[float, str] | N
         return None
     rate = float((evaluate["jobs"] * evaluate["flops"]).sum()) / seconds / 1e12
     return rate, (f"{rate:.3g} effective TFLOP/s measured on this grid's {files} evaluate benchmark files "
-                  f"({seconds / 60:.1f} min)")
+                  f"({seconds / 60:.1f} min of whole-job wall time, loading included: a low rate, so costs err high)")
 
 
 def evaluation_costs(cfg: dict, grid_rows: pd.DataFrame, model: str, tflops: float) -> dict[str, float]:
