@@ -7,7 +7,8 @@ records share: the per-unit differences A - B are pooled over seeds (seed s of A
 one draw pairs with every draw of the other) and go to `hfprune.stats.paired_difference`, clustered by the
 unit's context (the same doc under several seeds is one cluster), stratified by task for averages. A table's
 p-values are Holm-corrected together, and a difference is called better/worse only when its corrected p is
-below 0.05; otherwise it is "indistinguishable".
+below 0.05; otherwise it is "indistinguishable". A pruned cell's records gain its answer flips against the dense
+row when that is evaluated (`hfprune.flips`), so flip rates are compared as any other measure.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import pandas as pd
 
 from hfprune.errors import HFPruneError
 from hfprune.evaluation.records import read_records, records_path
+from hfprune.flips import flip_records
 from hfprune.plan import format_ratio
 from hfprune.stats import ALPHA, Paired, holm, paired_difference
 
 DENSE = "dense"
 # what the dense model scores against itself (exact by construction: hfprune.evaluation.fidelity)
-IDENTITY = {"js": 0.0, "jaccard": 1.0, "kl": 0.0}
+IDENTITY = {"js": 0.0, "jaccard": 1.0, "kl": 0.0, "top1": 1.0, "flip": 0.0}
+TASK_MEASURES = ("gold_prob", "acc", "flip")  # per doc of a task: also averaged over tasks
 
 
 @dataclass(frozen=True)
@@ -41,24 +44,24 @@ class Measure:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.measure in ("acc", "gold_prob", "jaccard")
+        return self.measure in ("acc", "gold_prob", "jaccard", "top1")
 
     @property
     def scale(self) -> float:
-        return 100.0 if self.measure in ("acc", "gold_prob") else 1.0  # accuracies in percentage points
+        return 100.0 if self.measure in TASK_MEASURES else 1.0  # accuracies and flip rates in percentage points
 
     @property
     def label(self) -> str:
-        names = {"logppl": "log-ppl", "js": "JS", "jaccard": "top-k Jaccard", "kl": "KL", "acc": "acc (pp)",
-                 "gold_prob": "gold prob (pp)"}
+        names = {"logppl": "log-ppl", "js": "JS", "jaccard": "top-k Jaccard", "top1": "top-1 agreement", "kl": "KL",
+                 "acc": "acc (pp)", "gold_prob": "gold prob (pp)", "flip": "flips (pp)"}
         return f"{names.get(self.measure, self.measure)} {self.group or 'average'}"
 
 
 # the measures a Verdict table shows, in order; per-task ones go to the detail CSV
-HEADLINE = ("logppl", "js", "jaccard", "gold_prob", "acc")
+HEADLINE = ("logppl", "js", "jaccard", "top1", "gold_prob", "acc", "flip")
 
 
-ORDER = ("logppl", "js", "jaccard", "kl", "gold_prob", "acc")
+ORDER = ("logppl", "js", "jaccard", "top1", "kl", "gold_prob", "acc", "flip")
 
 
 def present(frames) -> set[tuple[str, str]]:
@@ -78,7 +81,7 @@ def measures(pairs: set[tuple[str, str]], headline: bool = False) -> list[Measur
         groups = sorted(g for m, g in pairs if m == name)
         if not groups or (headline and name not in HEADLINE):
             continue
-        if name in ("acc", "gold_prob"):
+        if name in TASK_MEASURES:
             out.append(Measure(name, None))
             if not headline:
                 out += [Measure(name, g) for g in groups]
@@ -115,7 +118,8 @@ def cell_files(cfg: dict, model: str, criterion: str, ratio, recovered: bool = F
 
 
 def load_cell(cfg: dict, model: str, criterion: str, ratio, recovered: bool = False) -> dict[object, pd.DataFrame]:
-    """{seed: per-unit records} of a cell; a one-line error naming the first missing file."""
+    """{seed: per-unit records} of a cell, a pruned cell's with its flips against the dense row where that has
+    been evaluated; a one-line error naming the first missing file."""
     files = cell_files(cfg, model, criterion, ratio, recovered)
     out = {}
     for seed, path in files.items():
@@ -124,7 +128,16 @@ def load_cell(cfg: dict, model: str, criterion: str, ratio, recovered: bool = Fa
                                                 f"seed {seed}{' / recovered' if recovered else ''}")
             raise HFPruneError(f"cell {what} has not been evaluated: {path} does not exist")
         out[seed] = read_records(records_path(path))
+    dense = cell_files(cfg, model, DENSE, 0.0)[None]
+    if criterion != DENSE and dense.is_file():
+        dense_units = read_records(records_path(dense))
+        out = {seed: _with_flips(units, dense_units) for seed, units in out.items()}
     return out
+
+
+def _with_flips(units: pd.DataFrame, dense_units: pd.DataFrame) -> pd.DataFrame:
+    flips = flip_records(units, dense_units)
+    return units if flips.empty else pd.concat([units, flips], ignore_index=True)
 
 
 # ---- comparing two cells
