@@ -8,6 +8,7 @@ from pathlib import Path
 import datasets
 import pytest
 import yaml
+from conftest import tiny_model
 
 from hfprune.errors import AssetError, HFPruneError
 from hfprune.tasks import SUITES, TASK_DIR, TaskSpec, offline, resolve_suite, task_manager
@@ -182,6 +183,27 @@ def test_offline_mmlu_limit_subsamples_each_subject():
     assert sel.metrics == {"offline_mmlu": "acc"} and len(sel.members["offline_mmlu"]) == 57
     assert {leaf: len(idx) for leaf, idx in sel.samples.items()} == {leaf: 3 for leaf in sel.members["offline_mmlu"]}
     assert sel.samples["offline_mmlu_anatomy"] == subsample(135, 3, 7, "offline_mmlu_anatomy")
+
+
+def test_offline_mmlu_reports_the_size_weighted_accuracy(smollm2_dir):
+    """A tiny model through lm-eval on 2 docs per subject: the group's accuracy is the mean over all its docs (stock
+    MMLU weights subjects by size), n counts them, and the per-unit records keep one group per subject."""
+    from transformers import AutoTokenizer
+
+    from hfprune.evaluation.records import task_records
+    from hfprune.evaluation.runner import evaluate_tasks, select_tasks
+
+    model = tiny_model("llama", vocab_size=49152, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=2)
+    selection = select_tasks(resolve_suite("offline9", ["mmlu", "siqa"]), 2, 0)
+    tasks, _, raw = evaluate_tasks(model, AutoTokenizer.from_pretrained(smollm2_dir), selection, log_samples=True)
+    outcomes = [s["acc"] for leaf in selection.members["offline_mmlu"] for s in raw["samples"][leaf]]
+    assert len(outcomes) == tasks["offline_mmlu"]["n"] == 114
+    assert tasks["offline_mmlu"]["value"] == pytest.approx(sum(outcomes) / len(outcomes))
+    assert tasks["offline_mmlu"]["column"] == "mmlu" and len(tasks["offline_mmlu"]["tasks"]) == 57
+    assert tasks["offline_siqa"]["n"] == 2
+    records = [r for r in task_records(selection, raw["samples"]) if r["measure"] == "acc"]
+    assert len({r["group"] for r in records}) == 58 and len(records) == 116
 
 
 @pytest.mark.parametrize("name,field", [("arc_easy", "question"), ("arc_challenge", "question"),
