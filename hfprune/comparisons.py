@@ -10,7 +10,8 @@ interval is conditional on the calibration sets that were drawn; with >= 3 seed 
 by the seed pair too (two-way), covering the variation over calibration draws. The marks (hfprune.equivalence:
 equivalent / better / worse / undecided) use the first (`report.seed_effect: fixed`) or the second (`random`);
 each row names its inference target. CrowS-Pairs' pct_stereotype is lower-is-better: its own rows say so, and
-task averages leave it out.
+task averages leave it out. A pruned cell's records gain its answer flips against the dense row when that is
+evaluated (`hfprune.flips`), so flip rates are compared as any other measure.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import pandas as pd
 from hfprune import equivalence
 from hfprune.errors import HFPruneError
 from hfprune.evaluation.records import read_records, records_path
+from hfprune.flips import flip_records
 from hfprune.plan import format_ratio
 from hfprune.stats import Paired, paired_difference
 
 DENSE = "dense"
 # what the dense model scores against itself (exact by construction: hfprune.evaluation.fidelity)
-IDENTITY = {"js": 0.0, "jaccard": 1.0, "kl": 0.0}
+IDENTITY = {"js": 0.0, "jaccard": 1.0, "kl": 0.0, "top1": 1.0, "flip": 0.0}
 # tasks whose metric is lower-is-better (lm-eval's pct_stereotype): out of task averages, direction flipped
 LOWER_IS_BETTER_TASKS = ("crows_pairs",)
 MIN_SEEDS = 3  # seed pairs needed for an interval over calibration draws
@@ -130,7 +132,8 @@ def cell_files(cfg: dict, model: str, criterion: str, ratio, recovered: bool = F
 
 
 def load_cell(cfg: dict, model: str, criterion: str, ratio, recovered: bool = False) -> dict[object, pd.DataFrame]:
-    """{seed: per-unit records} of a cell; a one-line error naming the first missing file."""
+    """{seed: per-unit records} of a cell, a pruned cell's with its flips against the dense row where that has
+    been evaluated; a one-line error naming the first missing file."""
     files = cell_files(cfg, model, criterion, ratio, recovered)
     out = {}
     for seed, path in files.items():
@@ -139,7 +142,16 @@ def load_cell(cfg: dict, model: str, criterion: str, ratio, recovered: bool = Fa
                                                 f"seed {seed}{' / recovered' if recovered else ''}")
             raise HFPruneError(f"cell {what} has not been evaluated: {path} does not exist")
         out[seed] = read_records(records_path(path))
+    dense = cell_files(cfg, model, DENSE, 0.0)[None]
+    if criterion != DENSE and dense.is_file():
+        dense_units = read_records(records_path(dense))
+        out = {seed: _with_flips(units, dense_units) for seed, units in out.items()}
     return out
+
+
+def _with_flips(units: pd.DataFrame, dense_units: pd.DataFrame) -> pd.DataFrame:
+    flips = flip_records(units, dense_units)
+    return units if flips.empty else pd.concat([units, flips], ignore_index=True)
 
 
 # ---- comparing two cells

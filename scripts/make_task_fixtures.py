@@ -2,9 +2,9 @@
 and file layout (<dataset id>/<config>/<split>-00000-of-00001.parquet), which the stock lm-eval task YAMLs read
 through `evaluation.task_data` (the same `datasets.load_dataset` call, pointed at local files).
 
-Six tasks take their first rows from the offline rebuilds of the stock splits (hfprune.tasks.offline: real
-docs). CrowS-Pairs, RACE, SIQA and TruthfulQA have no offline copy: their rows are made up here, in the exact
-schema the stock task code reads, to exercise prompts, targets and metrics (their accuracies mean nothing).
+Seven tasks take their first rows from the offline rebuilds of the stock splits (hfprune.tasks.offline: real
+docs). CrowS-Pairs, RACE and TruthfulQA have no offline copy: their rows are made up here, in the exact schema
+the stock task code reads, to exercise prompts, targets and metrics (their accuracies mean nothing).
 
     python scripts/make_task_fixtures.py        # rewrites the task files under tests/fixtures/hub (committed)
 """
@@ -47,9 +47,6 @@ MADE_UP: dict[str, list[dict]] = {
     "race": [
         {"example_id": f"high{i}.txt", "article": "Anna went to the library after school. It was quiet, and she read "
          f"for {i + 2} hours until the doors closed at six.", "problems": repr(_RACE_PROBLEMS)} for i in range(4)],
-    "social_iqa": [
-        {"context": f"Sam lent his bike to a neighbour for {i + 1} days.", "question": "How would Sam feel afterwards?",
-         "answerA": "generous", "answerB": "angry", "answerC": "sleepy", "label": "1"} for i in range(4)],
     "truthfulqa_mc2": [
         {"question": f"What happens if you drop a glass {i + 1} metres onto stone?",
          "mc1_targets": {"choices": ["It is likely to break.", "It bounces back up."], "labels": [1, 0]},
@@ -58,7 +55,7 @@ MADE_UP: dict[str, list[dict]] = {
 }
 # the split each stock task evaluates (lm-eval prefers test over validation)
 SPLIT = {**{task: split for task, (split, _) in SPLITS.items()}, "crows_pairs_english": "test", "race": "test",
-         "social_iqa": "validation", "truthfulqa_mc2": "validation"}
+         "truthfulqa_mc2": "validation"}
 
 
 def fixture_path(task: str) -> Path:

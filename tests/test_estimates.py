@@ -132,6 +132,13 @@ def test_evaluation_tokens_follow_the_suite_limit_and_backend():
     assert all(s[1] >= t[1] for s, t in zip(stock, tasks)) and sum(s[1] for s in stock) > 1.5 * sum(t[1] for t in tasks)
     whole = estimates.lm_eval_tokens(validate_config({**cfg, "evaluation": {**cfg["evaluation"], "limit": None}}))
     assert whole[0][1] / tasks[0][1] == pytest.approx(estimates.TASKS["boolq"][1] / 5, rel=0.01)
+    # offline9: SIQA is stock social_iqa; MMLU's limit applies to each of its 57 subjects
+    nine = estimates.lm_eval_tokens(validate_config({**cfg, "evaluation": {**cfg["evaluation"], "suite": "offline9",
+                                                                          "limit": 5}}))
+    assert nine[:7] == tasks and [t[0] for t in nine[7:]] == ["offline_mmlu", "offline_siqa"]
+    _, _, _, ctx, cont = estimates.TASKS["mmlu"]
+    assert nine[7][1] == 57 * 5 * (ctx + 4 * cont)
+    assert nine[8][1] == round(5 * (estimates.TASKS["social_iqa"][3] + 3 * estimates.TASKS["social_iqa"][4]))
 
 
 def _cli(*args, env=None):

@@ -195,6 +195,7 @@ def test_run_evaluation_dense_and_pruned_cells(tiny_dir, tmp_path):
     assert 0 < pruned["fidelity"]["js_distance"] and pruned["fidelity"]["topk_jaccard"] < 1
     assert pruned["perplexity"]["wiki"]["ppl"] != dense["perplexity"]["wiki"]["ppl"]
     assert set(flatten_metrics(pruned)) >= {"task/offline_arc_easy/acc_norm", "ppl/wiki", "fidelity/kl",
+                                            "fidelity/top1_agreement",
                                             "eff/prefill_ms_ratio", "average"}
 
     # per-unit records beside each metrics JSON: their means are the cell's metrics, computed independently
@@ -204,13 +205,14 @@ def test_run_evaluation_dense_and_pruned_cells(tiny_dir, tmp_path):
         assert sorted(acc["unit"].astype(int)) == result["meta"]["subsample_indices"]["offline_arc_easy"]
         assert acc["value"].mean() == pytest.approx(result["tasks"]["offline_arc_easy"]["value"])
         assert all(len(lls) == 4 for lls in acc["choice_loglik"])  # ARC-Easy docs here have 4 choices
+        assert all(len(norms) == 4 and min(norms) >= 1 for norms in acc["choice_norm"])  # acc_norm: characters
         gold = units[units["measure"] == "gold_prob"]["value"]
         assert len(gold) == 3 and gold.between(0, 1).all()
         ppl = units[units["measure"] == "logppl"]
         assert len(ppl) == result["perplexity"]["wiki"]["windows"]
         assert math.exp(ppl["value"].mean()) == pytest.approx(result["perplexity"]["wiki"]["ppl"], rel=1e-9)
     fid = read_records(records_path(tmp_path / "r.json"))
-    for measure, key in (("js", "js_distance"), ("jaccard", "topk_jaccard"), ("kl", "kl")):
+    for measure, key in (("js", "js_distance"), ("jaccard", "topk_jaccard"), ("kl", "kl"), ("top1", "top1_agreement")):
         assert fid[fid["measure"] == measure]["value"].mean() == pytest.approx(pruned["fidelity"][key], rel=1e-9)
     assert "per_prompt" not in pruned["fidelity"] and "window_nll" not in pruned["perplexity"]["wiki"]
 

@@ -31,7 +31,7 @@ def flatten_metrics(metrics: dict) -> dict[str, float]:
     out["average"] = metrics.get("average")
     for source, row in (metrics.get("perplexity") or {}).items():
         out[f"ppl/{source}"] = row["ppl"]
-    for key in ("js_distance", "topk_jaccard", "kl"):
+    for key in ("js_distance", "topk_jaccard", "kl", "top1_agreement"):
         out[f"fidelity/{key}"] = (metrics.get("fidelity") or {}).get(key)
     for key, value in (metrics.get("efficiency") or {}).items():
         out[f"eff/{key}"] = value

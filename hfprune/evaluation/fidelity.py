@@ -8,6 +8,7 @@ the same tokens). Per position we compute
   multiply by sqrt(ln 2) = 0.8326;
 - the Jaccard similarity |A ∩ B| / |A ∪ B| of the two top-k token sets (1 = same set);
 - KL(dense || pruned) in nats;
+- top-1 agreement: 1 where the two argmax tokens are the same, else 0 (LLMC's token agreement);
 
 and report their means over all positions. p = dense, q = model. Everything is computed in fp32 and in
 probability space where it matters, so a model compared with itself gives exactly 0 / 1 / 0.
@@ -25,7 +26,8 @@ from hfprune.evaluation.perplexity import input_device
 
 
 def position_metrics(ref_logits: torch.Tensor, logits: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
-    """Per-position JS distance (base 2), top-k Jaccard and KL(ref || model) for logits [..., vocab]."""
+    """Per-position JS distance (base 2), top-k Jaccard, KL(ref || model) and top-1 agreement for logits
+    [..., vocab]."""
     ref_logits, logits = ref_logits.float(), logits.float().to(ref_logits.device)
     p, q = torch.softmax(ref_logits, -1), torch.softmax(logits, -1)
     m = 0.5 * (p + q)
@@ -37,7 +39,8 @@ def position_metrics(ref_logits: torch.Tensor, logits: torch.Tensor, top_k: int)
     a, b = ref_logits.topk(top_k, dim=-1).indices, logits.topk(top_k, dim=-1).indices
     inter = (a[..., :, None] == b[..., None, :]).any(-1).sum(-1).float()
     jaccard = inter / (2 * top_k - inter)
-    return {"js_distance": js_distance, "topk_jaccard": jaccard, "kl": kl}
+    top1 = (ref_logits.argmax(-1) == logits.argmax(-1)).float()
+    return {"js_distance": js_distance, "topk_jaccard": jaccard, "kl": kl, "top1_agreement": top1}
 
 
 @torch.no_grad()
@@ -47,13 +50,13 @@ def fidelity(reference, model, input_ids: torch.Tensor, top_k: int = 15, batch_s
 
     The two models run batch by batch, so only one batch of logits of each is held at a time.
     """
-    per_prompt: dict[str, list[torch.Tensor]] = {"js_distance": [], "topk_jaccard": [], "kl": []}
+    per_prompt: dict[str, list[torch.Tensor]] = {}
     for start in range(0, input_ids.shape[0], batch_size):
         batch = input_ids[start:start + batch_size]
         ref = reference(input_ids=batch.to(input_device(reference)), use_cache=False).logits
         out = model(input_ids=batch.to(input_device(model)), use_cache=False).logits
         for key, values in position_metrics(ref, out, top_k).items():
-            per_prompt[key].append(values.double().mean(-1).cpu())
+            per_prompt.setdefault(key, []).append(values.double().mean(-1).cpu())
     prompts = {k: torch.cat(v) for k, v in per_prompt.items()}
     # every prompt has seq_len positions, so the mean of prompt means is the mean over all positions
     return {**{k: v.mean().item() for k, v in prompts.items()}, "k": top_k, "prompts": input_ids.shape[0],

