@@ -8,7 +8,8 @@ evaluate job's metrics JSON `meta.timing.stages`, or `meta.seconds` from before 
 
     overhead ratio = sum of job wall time / sum of timed compute stages
 
-and overall (every job's wall time, plan jobs included, over every timed stage), plus where an evaluate job's
+and overall (every job's wall time, plan jobs included, over every timed stage; the one-off `assets` model
+conversion left out), plus where an evaluate job's
 remaining seconds go (`meta.timing`: imports, set-up, tracking) and the report's own time. Targets: evaluate
 <= 1.3x, report <= 5 s. The last line is `grid overhead X.XXx (evaluate Y.YYx, report Z.Z s)`.
 
@@ -97,7 +98,10 @@ def job_timings(exp: Path) -> list[dict]:
     bench = exp / "benchmarks"
     for tsv in sorted(bench.rglob("*.tsv")):
         rel = tsv.relative_to(bench)
-        stage, rest = rel.parts[0], Path(*rel.parts[1:]).with_suffix("")
+        if len(rel.parts) == 1:  # one job of its rule, e.g. report.tsv
+            stage, rest = rel.stem, Path(rel.stem)
+        else:
+            stage, rest = rel.parts[0], Path(*rel.parts[1:]).with_suffix("")
         row = {"stage": stage, "job": str(rest), "wall": _wall(tsv), "stages": {}, "timing": {}}
         if stage == "evaluate":
             metrics = exp / "metrics" / f"{rest}.json"
@@ -109,6 +113,10 @@ def job_timings(exp: Path) -> list[dict]:
             if sidecar.is_file():
                 meta = json.loads(sidecar.read_text())
                 row["stages"], row["timing"] = _stages(meta, "seconds"), meta.get("timing") or {}
+        elif stage == "recover":
+            summary = exp / "recovered" / rest / "recovery.json"
+            if summary.is_file():
+                row["stages"] = {"recover": float(json.loads(summary.read_text()).get("seconds") or 0.0)}
         elif stage == "report":
             log = exp / "logs" / "report.log"
             found = REPORT_LINE.findall(log.read_text()) if log.is_file() else []
@@ -124,7 +132,7 @@ def _ratio(wall: float, compute: float) -> str:
 
 
 def summarize(exp: Path) -> str:
-    jobs = job_timings(exp)
+    jobs = [j for j in job_timings(exp) if j["stage"] != "assets"]  # a one-off model conversion, not per grid
     by_stage = defaultdict(list)
     for job in jobs:
         by_stage[job["stage"]].append(job)
