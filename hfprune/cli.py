@@ -7,6 +7,7 @@ import importlib
 import logging
 import sys
 
+from hfprune import timing
 from hfprune.errors import HFPruneError
 
 # command name -> module in hfprune.commands (adding a command = one module + one line here)
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    timing.mark_startup()
     try:
         return args._run(args) or 0
     except HFPruneError as exc:

@@ -505,6 +505,7 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     from hfprune.data import hub_datasets_dir, load_texts, sample_windows, text_source, texts_hash
     from hfprune.models import ModelSpec, load_model
     from hfprune.runtime import atomic_path, package_versions, resolve_device, seed_everything, write_json
+    from hfprune.timing import job_timing
 
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
@@ -515,6 +516,7 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     spec = ModelSpec.from_config(model_entry(cfg, model_name))
     seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
+    loading = time.perf_counter()
     model, tok = load_model(spec, cfg["resources_dir"], dtype=cfg["dtype"], device_map=cfg["device_map"])
     spec = spec.resolved(model.config)  # the family, where the config could not name it before the download
     if cfg["device_map"] is None:
@@ -536,6 +538,7 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     token_hash = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
     scope = cfg["pruning"]["scope"]
     start = time.perf_counter()
+    loaded = start - loading  # the model and the calibration windows
     scores, n_tokens = _score(model, calibration_batches(tokens, cal["batch_size"]), [crit], scope=scope,
                               seed=cal["seed"], logits_chunk=cfg["scoring"]["logits_chunk"],
                               gradient_checkpointing=cfg["scoring"]["gradient_checkpointing"], progress=True)
@@ -555,6 +558,7 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
                "device": str(device), "seconds": summary["seconds"],
                "peak_memory_mb": summary["peak_memory_mb"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "versions": package_versions()}
+    summary["timing"] = sidecar["timing"] = job_timing({"load": loaded, "score": seconds})
     with atomic_path(out_path) as tmp:
         # one metadata key: safetensors writes a multi-key header in hash order, which breaks byte-identity
         save_file({k: v.float().contiguous() for k, v in scores[criterion].items()}, str(tmp),

@@ -417,9 +417,12 @@ def log_cell_metrics(run: StageRun, metrics: dict, metrics_path: str | os.PathLi
     from hfprune.evaluation.records import records_path
 
     run.log_metrics(flatten_metrics(metrics))
-    if metrics_path is not None:
-        run.log_artifact(metrics_path, "metrics")
-        run.log_artifact(records_path(metrics_path), "metrics")
+    if metrics_path is not None:  # one upload: both files, linked (not copied) into one folder
+        with _scratch() as tmp:
+            (tmp / "metrics").mkdir()
+            for path in (Path(metrics_path), records_path(metrics_path)):
+                (tmp / "metrics" / path.name).symlink_to(path.resolve())
+            run.log_artifact(tmp / "metrics")
 
 
 def log_scores(run: StageRun, scores_path: str | os.PathLike) -> None:

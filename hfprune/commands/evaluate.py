@@ -16,15 +16,20 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from hfprune import tracking
+    import time
+
+    from hfprune import timing, tracking
     from hfprune.evaluation import run_evaluation
     from hfprune.limits import check_job
 
     cfg = load_job_config(args.config)
     check_job(cfg, args.model, "evaluate", source=args.config)
+    start = time.perf_counter()
     with tracking.cell_run(cfg, args.model, "evaluate", args.plan, recovered=args.recovered is not None) as mlflow_run:
+        timing.add("tracking", time.perf_counter() - start)
         result = run_evaluation(cfg, args.model, plan_path=args.plan, recovered_dir=args.recovered, out_path=args.out)
         tracking.log_cell_metrics(mlflow_run, result, args.out)
     print(f"{args.out}: average {result['average']}, "
           + ", ".join(f"ppl/{s} {v['ppl']:.3f}" for s, v in result["perplexity"].items()))
+    print(timing.line(result["meta"]["timing"], wall=timing.process_age()))  # "other": uploads and closing too
     return 0

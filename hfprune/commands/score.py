@@ -17,14 +17,19 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from hfprune import tracking
+    import time
+
+    from hfprune import timing, tracking
     from hfprune.limits import check_job
     from hfprune.scorer import run_scoring
 
     cfg = with_seed(load_job_config(args.config), args.model, args.seed)
     check_job(cfg, args.model, "score", [args.criterion], source=args.config)  # before any weight or MLflow run
+    start = time.perf_counter()
     with tracking.stage_run(cfg, model=args.model, stage="score", criterion=args.criterion) as mlflow_run:
+        timing.add("tracking", time.perf_counter() - start)
         summary = run_scoring(cfg, args.model, args.criterion, args.out, ratio=args.ratio)
         tracking.log_scores(mlflow_run, args.out)
     print(f"{args.out}: {summary['tokens']} tokens, {summary['seconds']} s, peak {summary['peak_memory_mb']} MiB")
+    print(timing.line(summary["timing"], wall=timing.process_age()))  # "other": uploads and closing too
     return 0

