@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from hfprune.adapters import adapter_class
 from hfprune.assets import EMBEDDED_MODELS, materialise
-from hfprune.errors import HFPruneError
+from hfprune.errors import HFPruneError, UnsupportedModelError
 from hfprune.runtime import read_json
 
 if TYPE_CHECKING:  # torch loads with the model: config facts (plan jobs, validation) need none
@@ -156,7 +156,10 @@ def load_model(spec: ModelSpec, resources_dir="resources", dtype: str = "float32
 
 def check_family(config, spec: ModelSpec) -> None:
     """Unsupported architecture or a written `family` that contradicts the checkpoint -> clear error."""
-    cls = adapter_class(config)
+    try:
+        cls = adapter_class(config)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"model {spec.name!r}: {exc}") from None
     if spec.family is not None and cls is not adapter_class(spec.family):
         raise HFPruneError(f"model {spec.name!r}: config says family {spec.family!r} but the checkpoint is "
                            f"{config.model_type!r} ({cls.family}); fix or drop the model's `family`")

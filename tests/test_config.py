@@ -130,7 +130,7 @@ def test_unsupported_checkpoint_without_family_is_refused_listing_the_families(t
     GPT2Config(n_layer=1).save_pretrained(tmp_path / "gpt2")
     cfg = validate_config(with_(models=[{"name": "g", "source": str(tmp_path / "gpt2")}]))
     assert "family" not in cfg["models"][0]
-    with pytest.raises(ConfigError, match=r"'models\[0\]': unsupported architecture 'gpt2' \(model_type 'gpt2'\)") as err:
+    with pytest.raises(ConfigError, match=r"'models\[0\]': model 'g': unsupported architecture 'gpt2' \(model_type 'gpt2'\)") as err:
         check_models(cfg)
     assert "\n" not in str(err.value) and all(f"{name}: " in str(err.value) for name in ADAPTERS)
 
