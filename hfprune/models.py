@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from hfprune.adapters import adapter_class
 from hfprune.assets import EMBEDDED_MODELS, materialise
 from hfprune.errors import HFPruneError, UnsupportedModelError
-from hfprune.runtime import read_json
+from hfprune.runtime import read_json, reading
 
 if TYPE_CHECKING:  # torch loads with the model: config facts (plan jobs, validation) need none
     import torch
@@ -149,9 +149,22 @@ def load_model(spec: ModelSpec, resources_dir="resources", dtype: str = "float32
             os.environ[var] = "0"
     path = ensure_available(spec, resources_dir)
     check_family(AutoConfig.from_pretrained(path), spec)  # before any weight is read
+    check_weight_files(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), device_map=device_map)
     model.eval()
     return model, load_tokenizer(spec, resources_dir)
+
+
+def check_weight_files(path: Path | str) -> None:
+    """Every safetensors file of a model folder has a whole header and all the bytes it announces (an interrupted
+    copy or download is one line naming the file, not safetensors' traceback); reads headers only."""
+    if not Path(path).is_dir():  # a hub id: from_pretrained downloads and verifies it
+        return
+    from safetensors import safe_open
+
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with reading(file, "model weights file"), safe_open(str(file), "pt"):
+            pass
 
 
 def check_family(config, spec: ModelSpec) -> None:

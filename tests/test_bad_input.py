@@ -138,6 +138,19 @@ def test_unsupported_family_folder_names_the_model_and_the_families(tmp_path, gp
     _nothing_under(tmp_path / "out")
 
 
+def test_truncated_model_weights_file_is_named(tmp_path, tiny_llama_dir):
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        (folder / f.name).symlink_to(f)
+    weights = folder / "model.safetensors"
+    weights.unlink()
+    weights.write_bytes((tiny_llama_dir / "model.safetensors").read_bytes()[:-100])  # an interrupted copy
+    proc, out = _score(tmp_path, _config(tmp_path, folder))
+    _fails(proc, f"model weights file '{weights}': not a readable safetensors file (", "incomplete metadata")
+    _nothing_under(out.parent)
+
+
 def _with_positions(tmp_path: Path, model_dir: Path, positions: int) -> Path:
     """The tiny model with another max_position_embeddings (its other files linked)."""
     out = tmp_path / f"tiny-{positions}"
