@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from hfprune.config import format_ratio
 from hfprune.errors import HFPruneError
 from hfprune.evaluation.records import read_records, records_path
-from hfprune.plan import format_ratio
 from hfprune.stats import ALPHA, Paired, holm, paired_difference
 
 DENSE = "dense"

@@ -364,8 +364,7 @@ def model_rows(name: str, arch, cfg: dict) -> list[dict]:
     FLOPs, peak bytes; `variant` names the folder the jobs write to (the variant projected onto the axes the job
     reads), so rows that several variants share can be counted once."""
     from hfprune import grid
-    from hfprune.config import cell_seeds, score_ratios
-    from hfprune.plan import format_ratio
+    from hfprune.config import cell_seeds, format_ratio, score_ratios
 
     rows = []
 

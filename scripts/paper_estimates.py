@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
 from hfprune import estimates
-from hfprune.config import load_config
+from hfprune.validation import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 # config.json facts of the hub checkpoints named in config/paper.yaml:

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig
 
 from hfprune import estimates, limits
-from hfprune.config import load_config, validate_config
+from hfprune.validation import load_config, validate_config
 
 PAPER = ROOT / "config" / "paper.yaml"
 

@@ -4,8 +4,9 @@ FLOP, memory and time models and the Table 5 calibration."""
 
 from types import SimpleNamespace
 
-from hfprune.config import load_config, model_entry
+from hfprune.config import model_entry
 from hfprune.errors import ConfigError, HFPruneError
+from hfprune.validation import load_config
 
 HELP = "estimate FLOPs, peak memory and GPU-hours per model and stage before running a grid"
 
