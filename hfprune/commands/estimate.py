@@ -36,7 +36,7 @@ def _architecture(cfg: dict, name: str, arch_json: str | None):
 
 
 def run(args) -> int:
-    from hfprune import estimates
+    from hfprune import job_estimates
 
     cfg = load_config(args.config)
     if args.tflops is not None and not args.tflops > 0:
@@ -45,12 +45,12 @@ def run(args) -> int:
         raise ConfigError("--arch-json describes one model: name it with --model")
     names = [model_entry(cfg, args.model)["name"]] if args.model else [m["name"] for m in cfg["models"]]
     archs = {name: _architecture(cfg, name, args.arch_json) for name in names}
-    df = estimates.grid_table(cfg, archs, args.tflops)
-    print(estimates.header(args.tflops))
+    df = job_estimates.grid_table(cfg, archs, args.tflops)
+    print(job_estimates.header(args.tflops))
     print()
-    print(estimates.format_table(df, args.markdown))
+    print(job_estimates.format_table(df, args.markdown))
     print()
-    print(estimates.format_totals(estimates.stage_totals(df), args.markdown))
-    for note in estimates.notes(cfg, df, args.tflops):
+    print(job_estimates.format_totals(job_estimates.stage_totals(df), args.markdown))
+    for note in job_estimates.notes(cfg, df, args.tflops):
         print(f"note: {note}")
     return 0
