@@ -24,7 +24,7 @@ from hfprune.grid import is_point, point_values, variants
 from hfprune.limits import check_model_limits
 from hfprune.models import ModelSpec, architecture, checkpoint_family, model_dir
 from hfprune.plan import check_feasible
-from hfprune.tasks import data_files
+from hfprune.tasks import data_files, resolve_suite
 
 
 @lru_cache(maxsize=1)
@@ -56,8 +56,6 @@ def validate_config(config: dict, source: str = "config") -> dict:
         raise ConfigError(f"{source}: invalid config field 'evaluation.include_path': {ev['include_path']!r} is not "
                           "a folder")
     if ev["suite"] != "none":  # a task or metric typo fails here, not in the first evaluate job after hours of scoring
-        from hfprune.tasks import resolve_suite
-
         try:
             specs = resolve_suite(ev["suite"], ev["tasks"], ev["include_path"])
         except HFPruneError as exc:
