@@ -7,7 +7,7 @@ Run from the repository root: `make run`, or
 (docs/CONTRACTS.md: paths and file formats between stages).
 """
 
-from hfprune.config import check_models, validate_config
+from hfprune.validation import check_models, validate_config
 from hfprune.errors import HFPruneError, stop_workflow
 
 

@@ -26,7 +26,7 @@ from hfprune import equivalence
 from hfprune.errors import HFPruneError
 from hfprune.evaluation.records import read_records, records_path
 from hfprune.flips import flip_records
-from hfprune.plan import format_ratio
+from hfprune.config import format_ratio
 from hfprune.stats import Paired, paired_difference
 
 DENSE = "dense"

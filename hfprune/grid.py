@@ -17,6 +17,7 @@ import itertools
 import json
 import re
 
+from hfprune.config import read_config, schema
 from hfprune.errors import ConfigError
 
 # the grid's own axes and per-experiment settings (which jobs exist, their resources): not something a variant
@@ -54,8 +55,6 @@ def _overlaps(a: str, b: str) -> bool:
 
 
 def _schema_node(path: str) -> dict | None:
-    from hfprune.config import schema
-
     node = schema()
     for part in path.split("."):
         node = (node.get("properties") or {}).get(part)
@@ -107,17 +106,15 @@ def _apply(cfg: dict, values: dict) -> dict:
     return out
 
 
-def point(cfg: dict, values: dict, source: str = "config") -> dict:
+def point(cfg: dict, values: dict, source: str = "config", validate=read_config) -> dict:
     """The validated config of one combination of axis values (all axes or a projection): the base config with
-    them applied and `grid` narrowed to them."""
-    from hfprune.config import validate_config
-
-    out = validate_config(_apply({**cfg, "grid": {}}, values), source=source)
+    them applied and `grid` narrowed to them. `validate` checks it (hfprune.validation passes its own checks)."""
+    out = validate(_apply({**cfg, "grid": {}}, values), source=source)
     out["grid"] = {path: [value] for path, value in values.items()}
     return out
 
 
-def variants(cfg: dict, source: str = "config") -> dict[str, dict]:
+def variants(cfg: dict, source: str = "config", validate=read_config) -> dict[str, dict]:
     """{variant name: its validated config} of the cartesian product of the axes ({"": cfg} without a grid).
     An axis value the schema rejects is a one-line error naming the axis and the value."""
     grid = axes(cfg)
@@ -127,7 +124,7 @@ def variants(cfg: dict, source: str = "config") -> dict[str, dict]:
     for path, values in grid.items():
         for value in values:
             try:
-                point(cfg, {path: value}, source)
+                point(cfg, {path: value}, source, validate)
             except ConfigError as exc:
                 first = str(exc).splitlines()[0].removeprefix(f"{source}: ")
                 raise ConfigError(f"{source}: invalid config field 'grid.{path}': value {value!r}: {first}") from None
@@ -140,7 +137,7 @@ def variants(cfg: dict, source: str = "config") -> dict[str, dict]:
         raise ConfigError(f"{source}: invalid config field 'grid': the variant name {longest[:60]!r}... is "
                           f"{len(longest.encode())} bytes, over the {MAX_NAME_BYTES} a folder name can take here; "
                           "use fewer axes or shorter values")
-    return {n: point(cfg, values, f"{source} (grid variant {n})") for n, values in zip(names, combos)}
+    return {n: point(cfg, values, f"{source} (grid variant {n})", validate) for n, values in zip(names, combos)}
 
 
 def is_point(cfg: dict) -> bool:

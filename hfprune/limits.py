@@ -205,6 +205,7 @@ def job_architecture(cfg: dict, model_name: str):
         from transformers import AutoConfig
 
         arch = AutoConfig.from_pretrained(spec.source)
+    spec.resolved(arch)  # the family check comes before anything that reads the architecture
     return arch
 
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from hfprune.adapters import adapter_class
 from hfprune.assets import EMBEDDED_MODELS, materialise
-from hfprune.errors import HFPruneError
-from hfprune.runtime import read_json
+from hfprune.errors import HFPruneError, UnsupportedModelError
+from hfprune.runtime import read_json, reading
 
 if TYPE_CHECKING:  # torch loads with the model: config facts (plan jobs, validation) need none
     import torch
@@ -149,14 +149,30 @@ def load_model(spec: ModelSpec, resources_dir="resources", dtype: str = "float32
             os.environ[var] = "0"
     path = ensure_available(spec, resources_dir)
     check_family(AutoConfig.from_pretrained(path), spec)  # before any weight is read
+    check_weight_files(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), device_map=device_map)
     model.eval()
     return model, load_tokenizer(spec, resources_dir)
 
 
+def check_weight_files(path: Path | str) -> None:
+    """Every safetensors file of a model folder has a whole header and all the bytes it announces (an interrupted
+    copy or download is one line naming the file, not safetensors' traceback); reads headers only."""
+    if not Path(path).is_dir():  # a hub id: from_pretrained downloads and verifies it
+        return
+    from safetensors import safe_open
+
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with reading(file, "model weights file"), safe_open(str(file), "pt"):
+            pass
+
+
 def check_family(config, spec: ModelSpec) -> None:
     """Unsupported architecture or a written `family` that contradicts the checkpoint -> clear error."""
-    cls = adapter_class(config)
+    try:
+        cls = adapter_class(config)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"model {spec.name!r}: {exc}") from None
     if spec.family is not None and cls is not adapter_class(spec.family):
         raise HFPruneError(f"model {spec.name!r}: config says family {spec.family!r} but the checkpoint is "
                            f"{config.model_type!r} ({cls.family}); fix or drop the model's `family`")

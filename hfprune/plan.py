@@ -16,12 +16,8 @@ import math
 import numpy as np
 
 from hfprune.adapters import adapter_class
+from hfprune.config import format_ratio  # noqa: F401  (report.py and tracking.py import it from here still)
 from hfprune.errors import ConfigError, HFPruneError
-
-
-def format_ratio(ratio: float) -> str:
-    """0.2 -> '0.2', 0.25 -> '0.25' (floating noise removed): the `r<ratio>` part of output paths."""
-    return f"{round(float(ratio), 6):g}"
 
 
 def _head_dim(config) -> int:

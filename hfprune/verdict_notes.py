@@ -70,11 +70,11 @@ def power_costs(cfg: dict, model: str, tflops: float | None = None) -> tuple[dic
     """(seconds per evaluate part and per seed for `model`, where its rate comes from), priced by
     hfprune.estimates at `tflops` (the user's), else the CPU rate measured on a CPU grid's benchmark files, else
     the paper's GPU rate."""
-    from hfprune import estimates, power
+    from hfprune import estimates, job_estimates, power
     from hfprune.limits import job_architecture
 
     try:
-        rows = estimates.grid_table(cfg, {model: job_architecture(cfg, model)})
+        rows = job_estimates.grid_table(cfg, {model: job_architecture(cfg, model)})
     except (OSError, HFPruneError) as exc:
         return None, f"not estimated ({model}'s config.json is not available here: {type(exc).__name__})"
     measured = power.measured_tflops(cfg, rows) if cfg["device"] == "cpu" and tflops is None else None

@@ -2,7 +2,7 @@
 
 `hfprune estimate --config config/paper.yaml` computes the same table where the models' config.json can be read
 (cached or downloadable); this script supplies the published config.json facts of the paper's seven models
-instead, and calls the same functions (hfprune.estimates).
+instead, and calls the same functions (hfprune.job_estimates).
 
     .venv/bin/python scripts/paper_estimates.py [--tflops X] [--out docs/GPU.md]
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-from hfprune import estimates
-from hfprune.config import load_config
+from hfprune import job_estimates
+from hfprune.validation import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 # config.json facts of the hub checkpoints named in config/paper.yaml:
@@ -40,10 +40,10 @@ def paper_archs() -> dict:
 
 
 def render(cfg: dict, tflops: float | None) -> str:
-    df = estimates.grid_table(cfg, paper_archs(), tflops)
-    lines = [BEGIN, "", estimates.header(tflops), "", estimates.format_table(df, markdown=True), "",
-             "Per stage, the whole grid:", "", estimates.format_totals(estimates.stage_totals(df), markdown=True), ""]
-    lines += [f"- {note}" for note in estimates.notes(cfg, df, tflops)]
+    df = job_estimates.grid_table(cfg, paper_archs(), tflops)
+    lines = [BEGIN, "", job_estimates.header(tflops), "", job_estimates.format_table(df, markdown=True), "",
+             "Per stage, the whole grid:", "", job_estimates.format_totals(job_estimates.stage_totals(df), markdown=True), ""]
+    lines += [f"- {note}" for note in job_estimates.notes(cfg, df, tflops)]
     return "\n".join(lines + ["", END])
 
 

@@ -6,11 +6,11 @@ import json
 import pytest
 from conftest import REPO_RESOURCES
 
-from hfprune.config import validate_config
 from hfprune.errors import ConfigError
 from hfprune.evaluation import run_evaluation
 from hfprune.evaluation.records import read_records, records_path
 from hfprune.tasks import TaskSpec, resolve_suite
+from hfprune.validation import validate_config
 
 QUESTIONS = [("Is the sky blue on a clear day?", 1), ("Can a fish climb a tree?", 0), ("Is fire hot?", 1),
              ("Is ice warmer than boiling water?", 0), ("Do birds have feathers?", 1), ("Is the sun cold?", 0)]

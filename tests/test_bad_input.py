@@ -117,6 +117,40 @@ def test_missing_local_model_folder(tmp_path):
     _nothing_under(out.parent)
 
 
+@pytest.fixture
+def gpt2_dir(tmp_path):
+    """A GPT-2 folder (an unsupported family), config.json only: every command refuses it before any weight."""
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path / "gpt2")
+    return tmp_path / "gpt2"
+
+
+def test_unsupported_family_folder_names_the_model_and_the_families(tmp_path, gpt2_dir):
+    from hfprune.adapters import ADAPTERS
+
+    cfg = _config(tmp_path, gpt2_dir, models=[{"name": "m", "source": str(gpt2_dir)}])
+    out = tmp_path / "out" / "m.json"
+    for proc in (_score(tmp_path, cfg)[0], _hfprune("validate", cfg),
+                 _hfprune("evaluate", "--config", cfg, "--model", "m", "--out", out)):
+        line = _fails(proc, "model 'm': unsupported architecture 'gpt2'", "supported families are: ")
+        assert all(f"{name}: " in line for name in ADAPTERS), line
+    _nothing_under(tmp_path / "out")
+
+
+def test_truncated_model_weights_file_is_named(tmp_path, tiny_llama_dir):
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        (folder / f.name).symlink_to(f)
+    weights = folder / "model.safetensors"
+    weights.unlink()
+    weights.write_bytes((tiny_llama_dir / "model.safetensors").read_bytes()[:-100])  # an interrupted copy
+    proc, out = _score(tmp_path, _config(tmp_path, folder))
+    _fails(proc, f"model weights file '{weights}': not a readable safetensors file (", "incomplete metadata")
+    _nothing_under(out.parent)
+
+
 def _with_positions(tmp_path: Path, model_dir: Path, positions: int) -> Path:
     """The tiny model with another max_position_embeddings (its other files linked)."""
     out = tmp_path / f"tiny-{positions}"

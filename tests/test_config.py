@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hfprune.config import check_models, load_config, validate_config
 from hfprune.errors import ConfigError
+from hfprune.validation import check_models, load_config, validate_config
 
 BASE = {"models": [{"name": "smol", "family": "llama", "source": "smollm2-135m"}],
         "criteria": ["taylor_entropy"], "ratios": [0.2]}
@@ -130,14 +130,14 @@ def test_unsupported_checkpoint_without_family_is_refused_listing_the_families(t
     GPT2Config(n_layer=1).save_pretrained(tmp_path / "gpt2")
     cfg = validate_config(with_(models=[{"name": "g", "source": str(tmp_path / "gpt2")}]))
     assert "family" not in cfg["models"][0]
-    with pytest.raises(ConfigError, match=r"'models\[0\]': unsupported architecture 'gpt2' \(model_type 'gpt2'\)") as err:
+    with pytest.raises(ConfigError, match=r"'models\[0\]': model 'g': unsupported architecture 'gpt2' \(model_type 'gpt2'\)") as err:
         check_models(cfg)
     assert "\n" not in str(err.value) and all(f"{name}: " in str(err.value) for name in ADAPTERS)
 
 
 def test_family_enum_is_the_adapter_registry():
     from hfprune.adapters import ADAPTERS
-    from hfprune.config import schema
+    from hfprune.validation import schema
 
     assert schema()["properties"]["models"]["items"]["properties"]["family"]["enum"] == list(ADAPTERS)
 
@@ -170,7 +170,8 @@ def test_bad_kd_options_are_refused(options, field):
 
 
 def test_paper_config_uses_the_released_settings():
-    from hfprune.config import criterion_options, load_config
+    from hfprune.config import criterion_options
+    from hfprune.validation import load_config
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "config" / "paper.yaml")
     assert cfg["calibration"]["sampling"] == "per_document"

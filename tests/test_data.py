@@ -245,7 +245,7 @@ def _cfg(**sections):
     ('{"text": "a"}\n', {}, r"text file '.*a.jsonl': name the field that holds the text"),
 ])
 def test_bad_own_text_is_one_line_at_validation(tmp_path, content, value, message):
-    from hfprune.config import validate_config
+    from hfprune.validation import validate_config
 
     path = tmp_path / ("missing.jsonl" if content is None else "a.jsonl")
     if content is not None:
@@ -261,7 +261,7 @@ def test_bad_own_text_is_one_line_at_validation(tmp_path, content, value, messag
 
 
 def test_own_text_labels_must_differ_and_txt_has_no_field(tmp_path):
-    from hfprune.config import validate_config
+    from hfprune.validation import validate_config
 
     txt = _write(tmp_path / "a.txt", "some text")
     with pytest.raises(ConfigError, match=r"'evaluation.perplexity.sources\[1\]': label 'a.txt' is also"):
@@ -280,7 +280,7 @@ def test_own_text_labels_must_differ_and_txt_has_no_field(tmp_path):
 def test_own_text_too_short_for_its_windows_fails_where_the_grid_starts(tmp_path, section, field, message):
     from conftest import REPO_RESOURCES
 
-    from hfprune.config import check_models, validate_config
+    from hfprune.validation import check_models, validate_config
 
     short = {"path": _write(tmp_path / "short.txt", "Only a few words here.")}
     ev = {"suite": "none", "perplexity": {"sources": [short] if section == "perplexity" else ["wiki"]},
@@ -326,8 +326,8 @@ def test_settings_digest_sees_files_in_a_local_dataset_folder_and_glob_data_file
 
 
 def test_evaluation_with_own_text_and_wanda_protocol(tiny_llama_dir, tmp_path):
-    from hfprune.config import validate_config
     from hfprune.evaluation import run_evaluation
+    from hfprune.validation import validate_config
 
     docs = load_texts("wiki")[:6]
     path = _write(tmp_path / "mine.jsonl", "".join(json.dumps({"t": d}) + "\n" for d in docs))

@@ -13,7 +13,7 @@ import scipy.stats as st
 from statsmodels.stats.weightstats import ttost_paired
 
 from hfprune import comparisons, equivalence, verdict_notes
-from hfprune.config import validate_config
+from hfprune.validation import validate_config
 from hfprune.errors import ConfigError
 from hfprune.stats import holm, paired_difference
 

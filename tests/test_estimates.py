@@ -13,8 +13,8 @@ from conftest import ROOT, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig
 
-from hfprune import estimates, limits
-from hfprune.config import load_config, validate_config
+from hfprune import estimates, job_estimates, limits
+from hfprune.validation import load_config, validate_config
 
 PAPER = ROOT / "config" / "paper.yaml"
 
@@ -210,7 +210,7 @@ def test_a_grid_counts_each_job_the_workflow_runs_once(tmp_path):
     rules, _ = _dag(tmp_path, path)
     dag = Counter(rules.values())
     cfg = load_config(path)
-    df = estimates.grid_table(cfg, {m["name"]: limits.job_architecture(cfg, m["name"]) for m in cfg["models"]})
+    df = job_estimates.grid_table(cfg, {m["name"]: limits.job_architecture(cfg, m["name"]) for m in cfg["models"]})
     jobs = df.groupby("stage")["jobs"].sum()
     assert jobs["score"] == dag["score"] and jobs["recover"] == dag["recover"]
     assert jobs["evaluate"] == dag["evaluate_dense"] + dag["evaluate_pruned"] + dag["evaluate_recovered"]

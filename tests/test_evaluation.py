@@ -10,7 +10,6 @@ import torch
 from conftest import REPO_RESOURCES, tiny_model
 
 from hfprune.adapters import adapter_class
-from hfprune.config import validate_config
 from hfprune.errors import ConfigError, HFPruneError
 from hfprune.evaluation import flatten_metrics, mlflow_name, run_evaluation
 from hfprune.evaluation.efficiency import efficiency, macs_per_token, param_counts
@@ -20,6 +19,7 @@ from hfprune.evaluation.records import read_records, records_path
 from hfprune.evaluation.runner import subsample
 from hfprune.plan import make_plan
 from hfprune.surgery import prune_model
+from hfprune.validation import validate_config
 
 VOCAB = 49152  # SmolLM2's tokenizer, so that run_evaluation can use a real tokenizer with a tiny model
 

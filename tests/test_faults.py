@@ -23,7 +23,7 @@ from conftest import experiment_runs
 from safetensors.torch import save_file
 
 from hfprune import tracking
-from hfprune.config import validate_config
+from hfprune.validation import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

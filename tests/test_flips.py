@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 
 from hfprune import comparisons
-from hfprune.config import validate_config
+from hfprune.validation import validate_config
 from hfprune.errors import HFPruneError
 from hfprune.evaluation.fidelity import fidelity, position_metrics
 from hfprune.evaluation.records import COLUMNS, fidelity_records, records_path, task_records, write_records

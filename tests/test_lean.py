@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import REPO_RESOURCES, tiny_model
 
-from hfprune.config import validate_config
+from hfprune.validation import validate_config
 from hfprune.evaluation.records import read_records, records_path, task_records
 from hfprune.evaluation.runner import evaluate_tasks, select_tasks
 from hfprune.tasks import TASK_DIR, offline, resolve_suite

@@ -8,13 +8,13 @@ import torch
 from conftest import tiny_config, tiny_model
 
 from hfprune.adapters import get_adapter
-from hfprune.config import validate_config
 from hfprune.criteria import get_criterion
 from hfprune.errors import ConfigError
 from hfprune.limits import scoring_memory
 from hfprune.plan import check_counts, make_plan
 from hfprune.scorer import score_model
 from hfprune.surgery import check_plan, neuron_mask, prune_model
+from hfprune.validation import validate_config
 
 FAMILIES = ("llama", "qwen2", "phi3")  # phi3: a fused gate_up_proj
 

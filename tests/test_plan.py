@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
 from hfprune.adapters import adapter_class
+from hfprune.config import format_ratio
 from hfprune.errors import ConfigError
-from hfprune.plan import _topk_sorted, format_ratio, make_plan, neurons_to_keep, params_per_kv_group
+from hfprune.plan import _topk_sorted, make_plan, neurons_to_keep, params_per_kv_group
 
 # shared/reference/README.md, "Pruning ratio -> neurons kept per layer", with the models' published sizes
 # (family, config class, hidden, intermediate, layers, heads, kv heads, head_dim, vocab, tied, expected)

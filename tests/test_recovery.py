@@ -14,7 +14,6 @@ from conftest import REPO_RESOURCES, tiny_model
 
 from hfprune.adapters import get_adapter
 from hfprune.cli import main as cli_main
-from hfprune.config import validate_config
 from hfprune.data import load_texts
 from hfprune.errors import ConfigError, HFPruneError
 from hfprune.evaluation.cell import run_evaluation
@@ -39,6 +38,7 @@ from hfprune.recovery import (
     training_rows,
 )
 from hfprune.surgery import load_pruned, prune_model
+from hfprune.validation import validate_config
 
 
 def make_cfg(source: str = "smollm2-135m", **recovery) -> dict:

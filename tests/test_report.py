@@ -18,7 +18,7 @@ from conftest import tiny_model
 
 from hfprune import comparisons, equivalence, report
 from hfprune.cli import main as cli_main
-from hfprune.config import cell_seeds, validate_config
+from hfprune.config import cell_seeds
 from hfprune.errors import HFPruneError
 from hfprune.evaluation.efficiency import efficiency
 from hfprune.evaluation.fidelity import fidelity
@@ -35,6 +35,7 @@ from hfprune.runtime import write_json
 from hfprune.scorer import score_model
 from hfprune.stats import holm, paired_difference
 from hfprune.surgery import prune_model
+from hfprune.validation import validate_config
 
 TASKS = {"offline_arc_easy": ("arc_easy", "acc_norm"), "offline_boolq": ("boolq", "acc")}
 N_DOCS = 50

@@ -19,7 +19,8 @@ import pytest
 import yaml
 from slurm_cluster import SlurmCluster, slurm_fixture  # noqa: F401  (provides the fixture `slurm`)
 
-from hfprune.config import cell_seeds, validate_config
+from hfprune.config import cell_seeds
+from hfprune.validation import validate_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 

@@ -354,7 +354,7 @@ def test_task_data_reads_stock_tasks_from_local_files(ours):
 
 
 def test_task_data_errors_name_the_field(tmp_path):
-    from hfprune.config import validate_config
+    from hfprune.validation import validate_config
 
     base = {"models": [{"name": "m", "family": "llama", "source": "smollm2-135m"}], "criteria": ["magnitude"],
             "ratios": [0.2]}

@@ -12,9 +12,9 @@ import torch
 from conftest import tiny_model
 
 from hfprune import tracking
-from hfprune.config import validate_config
 from hfprune.plan import make_plan
 from hfprune.scorer import score_model
+from hfprune.validation import validate_config
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,9 @@ import yaml
 from conftest import experiment_runs, no_snakefile_traceback
 
 from hfprune import comparisons
-from hfprune.config import cell_seeds, per_ratio, validate_config
+from hfprune.config import cell_seeds, per_ratio
 from hfprune.report import criterion_label
+from hfprune.validation import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]

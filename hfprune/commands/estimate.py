@@ -4,8 +4,9 @@ FLOP, memory and time models and the Table 5 calibration."""
 
 from types import SimpleNamespace
 
-from hfprune.config import load_config, model_entry
+from hfprune.config import model_entry
 from hfprune.errors import ConfigError, HFPruneError
+from hfprune.validation import load_config
 
 HELP = ("estimate FLOPs, peak memory and GPU-hours per model and stage before running a grid; --power: the units "
         "that would decide a grid's undecided verdicts")
@@ -39,7 +40,7 @@ def _architecture(cfg: dict, name: str, arch_json: str | None):
 
 
 def run(args) -> int:
-    from hfprune import estimates
+    from hfprune import job_estimates
 
     cfg = load_config(args.config)
     if args.tflops is not None and not args.tflops > 0:
@@ -54,15 +55,15 @@ def run(args) -> int:
     if rate is None and cfg["device"] == "cpu":  # a CPU grid that has run prices at its own measured rate
         from hfprune.power import measured_tflops
 
-        rate, source = measured_tflops(cfg, estimates.grid_table(cfg, archs)) or (None, None)
+        rate, source = measured_tflops(cfg, job_estimates.grid_table(cfg, archs)) or (None, None)
         source = source and f"{source} (the GPU-h columns are then CPU hours)"
-    df = estimates.grid_table(cfg, archs, rate)
-    print(estimates.header(rate, source))
+    df = job_estimates.grid_table(cfg, archs, rate)
+    print(job_estimates.header(rate, source))
     print()
-    print(estimates.format_table(df, args.markdown))
+    print(job_estimates.format_table(df, args.markdown))
     print()
-    print(estimates.format_totals(estimates.stage_totals(df), args.markdown))
-    for note in estimates.notes(cfg, df, rate):
+    print(job_estimates.format_totals(job_estimates.stage_totals(df), args.markdown))
+    for note in job_estimates.notes(cfg, df, rate):
         print(f"note: {note}")
     return 0
 

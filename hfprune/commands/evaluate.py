@@ -2,7 +2,7 @@
 metrics JSON: lm-eval zero-shot accuracy, perplexity, fidelity to the dense model and efficiency."""
 
 from hfprune.commands import add_config_argument, add_model_argument
-from hfprune.config import load_job_config
+from hfprune.validation import load_job_config
 
 HELP = "zero-shot accuracy, perplexity, fidelity and speed of one cell -> metrics JSON"
 

@@ -5,8 +5,9 @@ import json
 from pathlib import Path
 
 from hfprune.commands import add_config_argument, add_model_argument
-from hfprune.config import load_job_config, model_entry
+from hfprune.config import model_entry
 from hfprune.errors import HFPruneError
+from hfprune.validation import load_job_config
 
 HELP = "scores + ratio (fraction of all parameters removed) -> kept neurons per layer (plan JSON)"
 
@@ -39,8 +40,9 @@ def _model_config(spec, resources_dir):
 
 
 def run(args) -> int:
+    from hfprune.config import format_ratio
     from hfprune.models import ModelSpec
-    from hfprune.plan import format_ratio, make_plan
+    from hfprune.plan import make_plan
     from hfprune.runtime import read_safetensors, reading, write_json
 
     cfg = load_job_config(args.config)

@@ -1,7 +1,8 @@
 """Physically prune a model with a plan and save it as an HF folder (uniform plans load with plain HF)."""
 
 from hfprune.commands import add_config_argument, add_model_argument
-from hfprune.config import load_job_config, model_entry
+from hfprune.config import model_entry
+from hfprune.validation import load_job_config
 
 HELP = "apply a plan: slice the model's Linear layers and save the pruned checkpoint"
 

@@ -6,7 +6,7 @@ untouched and the adapter unmerged in OUT/adapter/ (hfprune.recovery.load_recove
 The offline default data (`recovery.data: calibration`) is a smoke recovery; `lamini` is the paper's."""
 
 from hfprune.commands import add_config_argument, add_model_argument
-from hfprune.config import load_job_config
+from hfprune.validation import load_job_config
 
 HELP = "LoRA recovery fine-tuning of a pruned model; saves the checkpoint (merged, or + unmerged adapter) + recovery.json"
 

@@ -2,7 +2,7 @@
 plans and score sidecars; the paper's published rows sit beside ours where a model has a matching paper_name."""
 
 from hfprune.commands import add_config_argument
-from hfprune.config import load_config
+from hfprune.validation import load_config
 
 HELP = "tables, plots and report.md of an experiment (results/<experiment>/report/)"
 

@@ -1,7 +1,8 @@
 """Score every MLP neuron of one model with one criterion; writes <out>.safetensors + <out>.json (sidecar)."""
 
 from hfprune.commands import add_config_argument, add_model_argument
-from hfprune.config import load_job_config, with_seed
+from hfprune.config import with_seed
+from hfprune.validation import load_job_config
 
 HELP = "score MLP neurons of a model with a criterion (once per model x criterion)"
 

@@ -4,7 +4,7 @@ import sys
 
 import yaml
 
-from hfprune.config import check_models, load_config
+from hfprune.validation import check_models, load_config
 
 HELP = "validate a config (schema + semantic checks) and print it with defaults"
 

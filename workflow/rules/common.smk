@@ -12,11 +12,10 @@ from snakemake.settings.types import DeploymentMethod
 
 from hfprune import grid, layout
 from hfprune.assets import ASSET_MARKER, EMBEDDED_MODELS
-from hfprune.config import cell_seeds, per_ratio, score_ratios
+from hfprune.config import cell_seeds, format_ratio, per_ratio, score_ratios
 from hfprune.data import content_digest
 from hfprune.evaluation.records import records_path
 from hfprune.models import ModelSpec, embedded_dir
-from hfprune.plan import format_ratio
 from hfprune.runtime import atomic_path
 
 EXP = f"{config['results_dir']}/{config['experiment']}"
