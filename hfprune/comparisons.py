@@ -23,10 +23,10 @@ from pathlib import Path
 import pandas as pd
 
 from hfprune import equivalence
+from hfprune.config import format_ratio
 from hfprune.errors import HFPruneError
 from hfprune.evaluation.records import read_records, records_path
 from hfprune.flips import flip_records
-from hfprune.config import format_ratio
 from hfprune.stats import Paired, paired_difference
 
 DENSE = "dense"

@@ -13,9 +13,9 @@ import scipy.stats as st
 from statsmodels.stats.weightstats import ttost_paired
 
 from hfprune import comparisons, equivalence, verdict_notes
-from hfprune.validation import validate_config
 from hfprune.errors import ConfigError
 from hfprune.stats import holm, paired_difference
+from hfprune.validation import validate_config
 
 
 def test_tost_on_unclustered_units_is_statsmodels_ttost_paired():

@@ -9,7 +9,6 @@ import torch
 from conftest import tiny_model
 
 from hfprune import comparisons
-from hfprune.validation import validate_config
 from hfprune.errors import HFPruneError
 from hfprune.evaluation.fidelity import fidelity, position_metrics
 from hfprune.evaluation.records import COLUMNS, fidelity_records, records_path, task_records, write_records
@@ -17,6 +16,7 @@ from hfprune.evaluation.runner import evaluate_tasks, select_tasks
 from hfprune.flips import flip_records
 from hfprune.runtime import write_json
 from hfprune.tasks import resolve_suite
+from hfprune.validation import validate_config
 
 VOCAB = 49152  # SmolLM2's tokenizer
 # acc_norm (4 choices, normalised by characters), acc, and a multiple-input task (its choices are contexts)

@@ -16,10 +16,10 @@ import pytest
 import yaml
 from conftest import REPO_RESOURCES, tiny_model
 
-from hfprune.validation import validate_config
 from hfprune.evaluation.records import read_records, records_path, task_records
 from hfprune.evaluation.runner import evaluate_tasks, select_tasks
 from hfprune.tasks import TASK_DIR, offline, resolve_suite
+from hfprune.validation import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 49152  # SmolLM2's tokenizer
