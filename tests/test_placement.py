@@ -1,0 +1,109 @@
+"""Device placement rules for models split over devices (hfprune.placement), tested as functions on CPU: a model
+whose output layer and final norm sit on the `meta` device stands in for the last GPU of a device map, so every
+rule is checked by the device of the tensors it really builds. The split-model run itself is `make gpu-check`'s.
+Also: per-batch result copies and evaluation batch sizes do not change the backend's answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hfprune.evaluation.backend import (
+    SharedContextLM,
+    default_max_batch_tokens,
+    group_requests,
+    per_request,
+    scored_rows,
+)
+from hfprune.placement import (
+    PerDevice,
+    hidden_device,
+    input_device,
+    model_devices,
+    on,
+    output_device,
+    peak_memory_mb,
+)
+from hfprune.surgery import input_mask
+from tests.conftest import tiny_model
+from tests.test_eval_backend import _requests, _tokenizer
+
+META = torch.device("meta")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def split_model():
+    """A tiny LLaMA whose last layer, final norm and lm_head are on `meta` (the last device of a device map)."""
+    model = tiny_model("llama")
+    model.model.layers[-1].to(META)
+    model.model.norm.to(META)
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False, device=META)
+    return model
+
+
+def test_devices_of_a_split_model(split_model):
+    assert input_device(split_model) == CPU  # input ids go to the embedding
+    assert hidden_device(split_model.model) == META  # the decoder's last hidden state: the final norm's device
+    assert output_device(split_model) == META  # logits: lm_head's device
+    assert model_devices(split_model) == [CPU, META]
+    assert model_devices(tiny_model("qwen2")) == [CPU]
+
+
+def test_indices_go_to_the_tensor_they_select_from(split_model):
+    hidden = torch.empty(2, 5, 8, device=hidden_device(split_model.model))
+    flat = scored_rows([1, 0], {0: (0, [2, 3]), 1: (1, [4])}, width=5)
+    assert flat.tolist() == [9, 2, 3] and flat.device == CPU  # row * width + column, in request order
+    idx = on(flat, hidden)
+    assert idx.device == META and hidden.reshape(-1, 8)[idx].shape == (3, 8)
+    host = torch.arange(3)
+    assert on(host, torch.zeros(1)) is host  # already there: no copy
+
+
+def test_masks_are_made_on_their_modules_device_once():
+    lin = torch.nn.Linear(6, 2, device=META, dtype=torch.bfloat16)
+    mask = input_mask(lin, [1, 4])
+    assert mask.device == META and mask.dtype == torch.bfloat16
+    mask = input_mask(torch.nn.Linear(6, 2), [1, 4])
+    assert mask.tolist() == [0, 1, 0, 0, 1, 0]
+    valid = torch.tensor([[True, False]])
+    copies = PerDevice(valid)
+    (on_meta,) = copies.on(META)
+    assert on_meta.device == META and copies.on(META)[0] is on_meta  # one copy per device and batch
+    assert copies.on(CPU)[0].tolist() == [[True, False]]
+
+
+def test_per_request_results_come_from_one_batch_copy():
+    token_lp = torch.tensor([-1.0, -2.5, -0.25, -3.0, -0.5, -0.125])
+    greedy = torch.tensor([True, False, True, True, True, True])
+    got = per_request(token_lp, greedy, [2, 1, 3])
+    assert got == [(-3.5, False), (-0.25, True), (-3.625, True)]
+    assert all(isinstance(lp, float) and isinstance(ok, bool) for lp, ok in got)
+
+
+def test_peak_memory_covers_the_devices_in_use():
+    peak = peak_memory_mb([CPU])
+    assert set(peak) == {"cpu", "total"} and peak["total"] == peak["cpu"] > 0
+
+
+def test_default_batch_tokens_by_device_kind():
+    assert default_max_batch_tokens("cpu", 8) == 2048  # 256 tokens per batch_size row, as before
+    assert default_max_batch_tokens("cuda", 8) > 8 * default_max_batch_tokens("cpu", 8)
+
+
+def test_loglikelihoods_identical_whatever_the_batch_size(smollm2_dir):
+    """Rows batched by 1..many per forward (max_batch_tokens 48 up to everything at once): the same answers,
+    bit for bit, on CPU."""
+    tok = _tokenizer(smollm2_dir)
+    model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=64)
+    reqs = _requests(len(tok))
+    answers = []
+    for max_batch_tokens in (48, 160, 100_000):
+        lm = SharedContextLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=64, row_tokens=48,
+                             max_batch_tokens=max_batch_tokens)
+        inputs = [(c + x)[-65:][:-1] for _, c, x in reqs]  # the model inputs, as the backend builds them
+        batches = lm._batches(group_requests(inputs, lm.max_row_tokens))
+        answers.append((len(batches), lm._loglikelihood_tokens(reqs, disable_tqdm=True)))
+    sizes = [n for n, _ in answers]
+    assert sizes[0] > sizes[1] > sizes[2] == 1  # really different batchings
+    assert answers[0][1] == answers[1][1] == answers[2][1]
