@@ -513,7 +513,14 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     from hfprune.config import criterion_options, model_entry, per_ratio
     from hfprune.data import hub_datasets_dir, load_texts, sample_windows, text_source, texts_hash
     from hfprune.models import ModelSpec, load_model
-    from hfprune.runtime import atomic_path, package_versions, resolve_device, seed_everything, write_json
+    from hfprune.runtime import (
+        atomic_path,
+        deterministic_algorithms,
+        package_versions,
+        resolve_device,
+        seed_everything,
+        write_json,
+    )
 
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
@@ -522,9 +529,12 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
         ratio = None  # its scores serve every ratio
     crit = get_criterion(criterion, criterion_options(cfg, criterion, ratio))
     spec = ModelSpec.from_config(model_entry(cfg, model_name))
+    if cfg["scoring"]["deterministic"]:
+        deterministic_algorithms()  # before anything starts CUDA
     seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
-    model, tok = load_model(spec, cfg["resources_dir"], dtype=cfg["dtype"], device_map=cfg["device_map"])
+    model, tok = load_model(spec, cfg["resources_dir"], dtype=cfg["dtype"], device_map=cfg["device_map"],
+                            attn_implementation=cfg["attn_implementation"])
     spec = spec.resolved(model.config)  # the family, where the config could not name it before the download
     if cfg["device_map"] is None:
         model.to(device)

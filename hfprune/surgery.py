@@ -180,8 +180,9 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
-def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None):
-    """Load a folder written by `save_pruned`, uniform or not (non-uniform folders need this loader)."""
+def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, attn_implementation: str = "sdpa"):
+    """Load a folder written by `save_pruned`, uniform or not (non-uniform folders need this loader), with the
+    attention kernel pinned."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -191,7 +192,8 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None):
     kv_heads = getattr(config, "hfprune_num_key_value_heads", None)
     if sizes is None and kv_heads is None:
         with reading(path, "model folder"):
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                        attn_implementation=attn_implementation).eval()
     n_layers = config.num_hidden_layers
     sizes = sizes or [config.intermediate_size] * n_layers
     kv_heads = kv_heads or [config.num_key_value_heads] * n_layers
@@ -202,7 +204,8 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None):
     for attr in ("hfprune_intermediate_sizes", "hfprune_num_key_value_heads"):
         if hasattr(dense, attr):
             delattr(dense, attr)
-    model = AutoModelForCausalLM.from_config(dense, dtype=dtype or config.dtype)
+    model = AutoModelForCausalLM.from_config(dense, dtype=dtype or config.dtype,
+                                             attn_implementation=attn_implementation)
     # shrinking with a keep-the-first-n plan gives the right shapes; the weights are overwritten below
     prune_model(model, {"layers": [{"mlp_keep": list(range(s)), "kv_keep": list(range(k))}
                                    for s, k in zip(sizes, kv_heads)]})

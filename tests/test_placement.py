@@ -107,3 +107,48 @@ def test_loglikelihoods_identical_whatever_the_batch_size(smollm2_dir):
     sizes = [n for n, _ in answers]
     assert sizes[0] > sizes[1] > sizes[2] == 1  # really different batchings
     assert answers[0][1] == answers[1][1] == answers[2][1]
+
+
+def test_cpu_efficiency_records_eager_decode_only_and_static_generation_runs():
+    from hfprune.evaluation.efficiency import _static_decode_seconds, efficiency
+
+    dense = tiny_model("llama")
+    eff = efficiency(dense, prefill_tokens=8, decode_batch=2, decode_tokens=3, repeats=1)
+    assert eff["settings"]["decode_modes"] == ["eager"] and eff["decode_tok_s"] > 0
+    assert not any(k.startswith("decode_static") for k in eff)
+    # the CUDA-graph route is transformers' static-cache generate; on CPU it runs uncompiled
+    prompt = torch.randint(0, dense.config.vocab_size, (2, 5))
+    assert _static_decode_seconds(dense, prompt, 3) > 0
+
+
+def test_operational_settings_stay_out_of_the_digest():
+    from hfprune.config import validate_config
+    from hfprune.grid import digest_value
+
+    base = {"models": [{"name": "m", "source": "smollm2-135m"}], "criteria": ["magnitude"], "ratios": [0.2]}
+    a = validate_config(base)
+    b = validate_config({**base, "evaluation": {"max_batch_tokens": 64}})
+    assert a["evaluation"] != b["evaluation"]
+    assert digest_value("evaluation", a["evaluation"]) == digest_value("evaluation", b["evaluation"])
+    assert "max_batch_tokens" in a["evaluation"]  # the job's own config keeps it
+    c = validate_config({**base, "evaluation": {"limit": 3}})
+    assert digest_value("evaluation", a["evaluation"]) != digest_value("evaluation", c["evaluation"])
+    assert a["attn_implementation"] == "sdpa" and a["scoring"]["deterministic"] is False
+
+
+def test_attention_kernel_is_pinned_on_load(tiny_llama_dir):
+    from hfprune.models import ModelSpec, load_model
+
+    spec = ModelSpec("tiny", "llama", str(tiny_llama_dir))
+    assert load_model(spec)[0].config._attn_implementation == "sdpa"
+    assert load_model(spec, attn_implementation="eager")[0].config._attn_implementation == "eager"
+
+
+def test_deterministic_scoring_sets_torch_and_cublas_before_cuda():
+    import subprocess
+    import sys
+
+    code = ("import os, torch; from hfprune.runtime import deterministic_algorithms; deterministic_algorithms(); "
+            "print(torch.are_deterministic_algorithms_enabled(), os.environ['CUBLAS_WORKSPACE_CONFIG'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", ":4096:8"]
