@@ -122,7 +122,8 @@ def _suite(model, tok, args, backend: str):
     from hfprune.runtime import quiet_lm_eval_git
     from hfprune.tasks import resolve_suite
 
-    selection = select_tasks(resolve_suite("offline7", None), args.limit, 11, backend=backend)
+    tasks = args.tasks.split(",") if args.tasks else None
+    selection = select_tasks(resolve_suite("offline7", tasks), args.limit, 11, backend=backend)
     with quiet_lm_eval_git():
         tasks, _, res = evaluate_tasks(model, tok, selection, batch_size=4, log_samples=True)
     lls = {(task, s["doc_id"]): [r[0][0] for r in s["resps"]] for task, rows in res["samples"].items() for s in rows}
@@ -135,11 +136,12 @@ def backend(rep: Report, args, device: str, dtype: str) -> None:
     dll = max(abs(a - b) for k in ll_h for a, b in zip(ll_s[k], ll_h[k], strict=True))
     docs = max(abs(acc_s[t][0] - acc_h[t][0]) * acc_h[t][1] for t in acc_h)
     name = f"backend-vs-hflm-{'fp32' if dtype == 'float32' else 'bf16'}"
+    where = f"offline7{' ' + args.tasks if args.tasks else ''} limit {args.limit} on {device}"
     if dtype == "float32":
-        rep.check(name, dll <= 1e-3 and docs < 0.5, f"offline7 limit {args.limit} on {device}: max |dll| {dll:.2e}, "
+        rep.check(name, dll <= 1e-3 and docs < 0.5, f"{where}: max |dll| {dll:.2e}, "
                   f"largest accuracy difference {docs:.0f} docs", "|dll| <= 1e-3, equal accuracies")
     else:
-        rep.check(name, docs <= 1 + 1e-9, f"offline7 limit {args.limit} on {device}: largest accuracy difference "
+        rep.check(name, docs <= 1 + 1e-9, f"{where}: largest accuracy difference "
                   f"{docs:.0f} docs per task (max |dll| {dll:.2e})", "<= 1 doc per task")
 
 
@@ -267,6 +269,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=8, help="calibration sequences of the scorer checks")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--limit", type=int, default=20, help="docs per offline7 task of the backend checks")
+    parser.add_argument("--tasks", default=None, help="comma-separated offline7 tasks (default: all seven)")
     parser.add_argument("--recovery-examples", type=int, default=8)
     parser.add_argument("--recovery-steps", type=int, default=3)
     parser.add_argument("--efficiency-repeats", type=int, default=3)

@@ -22,7 +22,8 @@ def test_gpu_check_runs_the_cpu_checks_and_names_the_skipped_ones(smollm2_dir):
     assert not torch.cuda.is_available()  # this suite's machines have no GPU
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--resources", REPO_RESOURCES,
-                           "--batches", "2", "--seq-len", "32", "--limit", "1", "--recovery-examples", "4",
+                           "--batches", "2", "--seq-len", "32", "--limit", "2", "--tasks", "boolq,winogrande",
+                           "--recovery-examples", "4",
                            "--efficiency-repeats", "1", "--decode-tokens", "4"],
                           capture_output=True, text=True, env=env, timeout=900, check=False)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("[")]

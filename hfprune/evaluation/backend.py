@@ -11,10 +11,15 @@ with the same numbers (up to float rounding) by:
    sees the prefix and itself, causally), and position ids restart after the prefix in every branch, so each
    branch computes exactly what its request would compute alone;
 2. **batching across documents**: several groups share one row (each attends only to itself), rows are filled
-   to about `row_tokens` tokens and batched to about `max_batch_tokens` tokens per forward: small
-   per-document forwards are overhead-bound on CPU, and packing leaves little padding;
+   to about `row_tokens` tokens, padded to a multiple of 32 and batched with rows of the same width to about
+   `max_batch_tokens` tokens per forward (a default per device kind): small per-document forwards are
+   overhead-bound, and packing leaves little padding;
 3. **scoring only what is read**: the decoder body runs on the batch, the output layer (`lm_head`) runs only on
-   the hidden states at scored positions (deduplicated), and the log-softmax runs in fp32.
+   the hidden states at scored positions (deduplicated, a fixed number of rows per product), and the
+   log-softmax runs in fp32. With fixed shapes per row a request's answer does not depend on its batch mates.
+
+On a model split over devices, each index tensor is placed on the device of the tensor it selects from
+(hfprune.placement); per-request results reach the host in one copy per batch.
 
 The model input of a request is exactly HFLM's: context + continuation, left-truncated to `max_length + 1`
 tokens, last token dropped. Results are (sum of the continuation's log-probs, whether every continuation
