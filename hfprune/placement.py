@@ -3,7 +3,8 @@
 Under a device map the input embedding sits on the first device, the decoder's last layers, its final norm and
 `lm_head` on the last one, and accelerate's hooks move activations between them. Code that builds index, mask
 or position tensors therefore puts each one on the device of the tensor it meets (`on`), never on
-`model.device` (the first device): hidden states come out on the final norm's device, logits on `lm_head`'s.
+`model.device` (the first device): hidden states come out on the final norm's device, logits on `lm_head`'s
+(its execution device, which an offloaded weight does not show), so the rules read the tensor, not the model.
 Synchronisation and peak memory cover every device the model uses, not the current one.
 """
 
@@ -19,22 +20,6 @@ if TYPE_CHECKING:
 def input_device(model) -> torch.device:
     """Where a model's input ids go: its input embedding's device (the first device of a device map)."""
     return model.get_input_embeddings().weight.device
-
-
-def output_device(model) -> torch.device:
-    """Where a causal LM's logits come out: its output layer's device (the last device of a device map)."""
-    head = model.get_output_embeddings()
-    return (head if head is not None else model.get_input_embeddings()).weight.device
-
-
-def hidden_device(decoder) -> torch.device:
-    """Where a decoder body's last hidden state comes out: the device of its last parameter (the final norm)."""
-    last = None
-    for last in decoder.parameters():
-        pass
-    if last is None:
-        raise ValueError(f"{type(decoder).__name__} has no parameters")
-    return last.device
 
 
 def model_devices(model) -> list[torch.device]:

@@ -17,11 +17,9 @@ from hfprune.evaluation.backend import (
 )
 from hfprune.placement import (
     PerDevice,
-    hidden_device,
     input_device,
     model_devices,
     on,
-    output_device,
     peak_memory_mb,
 )
 from hfprune.surgery import input_mask
@@ -44,18 +42,20 @@ def split_model():
 
 def test_devices_of_a_split_model(split_model):
     assert input_device(split_model) == CPU  # input ids go to the embedding
-    assert hidden_device(split_model.model) == META  # the decoder's last hidden state: the final norm's device
-    assert output_device(split_model) == META  # logits: lm_head's device
-    assert model_devices(split_model) == [CPU, META]
+    assert model_devices(split_model) == [CPU, META]  # synchronised and measured: both
     assert model_devices(tiny_model("qwen2")) == [CPU]
 
 
 def test_indices_go_to_the_tensor_they_select_from(split_model):
-    hidden = torch.empty(2, 5, 8, device=hidden_device(split_model.model))
+    hidden = split_model.model.norm(torch.empty(2, 5, split_model.config.hidden_size, device=META))  # last device
     flat = scored_rows([1, 0], {0: (0, [2, 3]), 1: (1, [4])}, width=5)
     assert flat.tolist() == [9, 2, 3] and flat.device == CPU  # row * width + column, in request order
     idx = on(flat, hidden)
-    assert idx.device == META and hidden.reshape(-1, 8)[idx].shape == (3, 8)
+    rows = hidden.reshape(-1, hidden.shape[-1])[idx]
+    assert idx.device == META and rows.shape == (3, split_model.config.hidden_size)
+    logits = split_model.lm_head(rows)  # lm_head's device: the token indices go there
+    toks = on(torch.tensor([1, 2, 3]), logits)
+    assert toks.device == logits.device == META and logits[torch.arange(3, device=META), toks].shape == (3,)
     host = torch.arange(3)
     assert on(host, torch.zeros(1)) is host  # already there: no copy
 
