@@ -141,5 +141,6 @@ def evaluate_tasks(model, tokenizer, selection: TaskSelection, batch_size: int =
             "docs_evaluated": {n: t["n"] for n, t in tasks.items()},
             "limit": selection.limit, "subsample_seed": selection.seed,
             "subsample_indices": selection.samples, "add_bos_token": add_bos, "batch_size": batch_size,
+            "max_batch_tokens": getattr(lm, "max_batch_tokens", None),
             "num_fewshot": 0, "backend": selection.backend}
     return tasks, meta, res
