@@ -25,7 +25,7 @@ def test_gpu_check_runs_the_cpu_checks_and_names_the_skipped_ones(smollm2_dir):
                            "--batches", "2", "--seq-len", "32", "--limit", "2", "--tasks", "boolq,winogrande",
                            "--recovery-examples", "4",
                            "--efficiency-repeats", "1", "--decode-tokens", "4"],
-                          capture_output=True, text=True, env=env, timeout=900, check=False)
+                          capture_output=True, text=True, env=env, timeout=1800, check=False)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("[")]
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     status = {x.split("] ", 1)[1].split(":", 1)[0]: x[1:5] for x in lines}
