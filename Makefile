@@ -8,7 +8,7 @@ CORES ?= all
 GPUS ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install run dry-run test test-fast lint bench clean-results
+.PHONY: install run dry-run test test-fast lint bench clean-results gpu-check
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow and not workflow and not slurm" $(PYTEST_ARGS)
+
+# the GPU path against the CPU path (docs/GPU.md); uses the installed venv and never installs
+gpu-check:
+	@test -x $(BIN)/python || { echo "gpu-check: no venv at $(VENV): run make install first"; exit 2; }
+	$(BIN)/python scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: install
 	$(BIN)/ruff check hfprune tests benchmarks

@@ -24,7 +24,9 @@ from hfprune.errors import ConfigError
 # can vary
 FIXED = ("experiment", "results_dir", "resources_dir", "models", "criteria", "ratios", "calibration.seed",
          "calibration.seeds", "recovery.enabled", "device", "tracking", "report", "grid")
-COMPUTE = ("seed", "dtype", "device", "device_map")
+COMPUTE = ("seed", "dtype", "device", "device_map", "attn_implementation")
+# settings under READS that say how a job runs, not what it computes: out of the jobs' settings digest
+OPERATIONAL = ("evaluation.max_batch_tokens",)
 # what a score job reads of `calibration`: its seed is the job's `seed` wildcard, not the seeds list
 CALIBRATION = ("calibration.source", "calibration.sampling", "calibration.num_sequences", "calibration.seq_len",
                "calibration.batch_size")
@@ -61,6 +63,20 @@ def _schema_node(path: str) -> dict | None:
         if node is None:
             return None
     return node
+
+
+def digest_value(key: str, value):
+    """The value of config `key` as a job's settings digest sees it: without the OPERATIONAL settings under it."""
+    drop = [p[len(key) + 1:].split(".") for p in OPERATIONAL if p.startswith(key + ".")]
+    if not drop or not isinstance(value, dict):
+        return value
+    value = copy.deepcopy(value)
+    for *parents, leaf in drop:
+        node = value
+        for part in parents:
+            node = node.get(part) or {}
+        node.pop(leaf, None)
+    return value
 
 
 def axes(cfg: dict) -> dict[str, list]:

@@ -138,8 +138,10 @@ def load_tokenizer(spec: ModelSpec, resources_dir="resources"):
     return tok
 
 
-def load_model(spec: ModelSpec, resources_dir="resources", dtype: str = "float32", device_map=None):
-    """Load (model, tokenizer) in eval mode; `device_map` is passed to accelerate for multi-GPU placement."""
+def load_model(spec: ModelSpec, resources_dir="resources", dtype: str = "float32", device_map=None,
+               attn_implementation: str = "sdpa"):
+    """Load (model, tokenizer) in eval mode; `device_map` is passed to accelerate for multi-GPU placement.
+    The attention kernel is pinned (config `attn_implementation`), never left to transformers' own choice."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if spec.family is not None:
@@ -150,7 +152,8 @@ def load_model(spec: ModelSpec, resources_dir="resources", dtype: str = "float32
     path = ensure_available(spec, resources_dir)
     check_family(AutoConfig.from_pretrained(path), spec)  # before any weight is read
     check_weight_files(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), device_map=device_map)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), device_map=device_map,
+                                                 attn_implementation=attn_implementation)
     model.eval()
     return model, load_tokenizer(spec, resources_dir)
 

@@ -79,9 +79,9 @@ def cell_row(metrics: dict) -> dict:
                fidelity_k=fid.get("k"))
     eff = metrics.get("efficiency") or {}
     for key in ("params", "params_ratio", "macs_per_token", "prefill_ms", "prefill_ms_ratio", "decode_tok_s",
-                "decode_tok_s_ratio"):
+                "decode_tok_s_ratio", "decode_static_tok_s", "decode_static_tok_s_ratio"):
         row[key] = eff.get(key)
-    for key in ("prefill_ms_ratio_range", "decode_tok_s_ratio_range"):
+    for key in ("prefill_ms_ratio_range", "decode_tok_s_ratio_range", "decode_static_tok_s_ratio_range"):
         lo, hi = eff.get(key) or (None, None)
         row[f"{key.removesuffix('_range')}_min"], row[f"{key.removesuffix('_range')}_max"] = lo, hi
     row["achieved_ratio"] = (metrics.get("meta") or {}).get("achieved_ratio")
@@ -370,8 +370,10 @@ def efficiency_table(cells: pd.DataFrame, paper_name: str | None) -> pd.DataFram
     df.insert(0, "method", [_method(r) for _, r in df.iterrows()])
     df["source"] = "ours"
     cols = (["method", "ratio", "source", "params", "params_ratio", "macs_per_token", "prefill_ms"]
-            + _with("prefill_ms_ratio", "_min", "_max") + ["decode_tok_s"] + _with("decode_tok_s_ratio", "_min", "_max"))
-    df = df[[c for c in cols if c in df.columns]]
+            + _with("prefill_ms_ratio", "_min", "_max") + ["decode_tok_s"] + _with("decode_tok_s_ratio", "_min", "_max")
+            + ["decode_static_tok_s"] + _with("decode_static_tok_s_ratio", "_min", "_max"))
+    # the static-cache (CUDA graphs) decode columns only where it was measured (CUDA)
+    df = df[[c for c in cols if c in df.columns and not (c.startswith("decode_static") and df[c].isna().all())]]
     if paper_name:
         paper = reference("table4_speed")
         paper = paper[paper["model"] == paper_name].assign(method="dense / HFPrune (paper)", source="paper")
@@ -402,7 +404,7 @@ def _formatter(col: str, values: pd.Series):
         return _params
     if col == "ratio":
         return format_ratio
-    if col.startswith("ppl_") or col in ("prefill_ms", "decode_tok_s"):
+    if col.startswith("ppl_") or col in ("prefill_ms", "decode_tok_s", "decode_static_tok_s"):
         return lambda v: _number(v, ".2f")
     if (col.endswith("_ratio") or "JS" in col or "Jaccard" in col
             or col in ("js_distance", "topk_jaccard", "kl")):
@@ -797,8 +799,9 @@ def _variant_report(cfg: dict, runs: pd.DataFrame, columns: dict[str, str], root
             _section(sections, "Size and speed (Table 4 form)", efficiency_table(mine, paper_name),
                      tables / f"{prefix}{model}.efficiency", root,
                      f"Medians of {ev['efficiency']['repeats']} alternating dense/pruned repeats on this "
-                     "machine's device; ratios to dense with [min-max] of the per-repeat ratios. The paper's "
-                     "rows are on one A6000.")
+                     "machine's device; ratios to dense with [min-max] of the per-repeat ratios. decode_tok_s: "
+                     "eager decode (one Python step per token; launch-bound on a GPU); decode_static_tok_s, where "
+                     "shown (CUDA): static cache + CUDA graphs. The paper's rows are on one A6000.")
         sections += _plots(mine, plans, model, root, prefix)
     cost = scoring_cost(cfg)
     if not cost.empty:

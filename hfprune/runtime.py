@@ -73,6 +73,16 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def deterministic_algorithms() -> None:
+    """torch's deterministic algorithms (scoring.deterministic), with the cuBLAS workspace setting they need; call it
+    before CUDA starts (cuBLAS reads the variable when it creates its handle). An op without a deterministic
+    kernel warns instead of stopping the job."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     import torch
 

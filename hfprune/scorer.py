@@ -32,7 +32,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import resource
 import time
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from hfprune.criteria import (
 )
 from hfprune.criteria.base import group_sum
 from hfprune.errors import ConfigError, HFPruneError, ScoreError
+from hfprune.placement import PerDevice, model_devices, on, peak_memory_mb, reset_peak_memory
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +134,14 @@ def _mean_abs_inputs(model, adapter, batches, attn: bool, progress: bool) -> tup
         for ids, mask in _progress(batches, progress, "activation"):
             valid = counted_positions(mask)
             tokens += int(valid.sum())
+            weights = PerDevice(valid.unsqueeze(-1).float())  # one copy per device and batch
             capture.active = True
             _decoder_forward(model, adapter, ids, mask, grad=False)
             capture.active = False
             for i in range(adapter.num_layers):
                 pairs = [(f"mlp.{i}", capture.h[i])] + ([(f"attn_kv.{i}", capture.o[i])] if attn else [])
                 for key, x in pairs:
-                    s = (x.float().abs() * valid.to(x.device).unsqueeze(-1)).sum((0, 1))
+                    s = (x.float().abs() * weights.on(x.device)[0]).sum((0, 1))
                     sums[key] = s if key not in sums else sums[key] + s
             capture.clear()
     finally:
@@ -149,6 +150,19 @@ def _mean_abs_inputs(model, adapter, batches, attn: bool, progress: bool) -> tup
 
 
 # --- gradient criteria -------------------------------------------------------------------------------------
+def _check_finite(scores: dict[str, torch.Tensor], what: str, where: str) -> None:
+    """ScoreError naming the first layer (in key order) whose running score is not finite; one host sync per
+    device in the common, finite case."""
+    by_device: dict = {}
+    for s in scores.values():
+        by_device.setdefault(s.device, []).append(s.reshape(-1))
+    if all(bool(torch.isfinite(torch.cat(parts)).all()) for parts in by_device.values()):
+        return
+    key = next(k for k, s in scores.items() if not bool(torch.isfinite(s).all()))
+    raise ScoreError(f"{what}: non-finite score in {key} (layer {key.split('.')[1]}) {where}".rstrip()
+                     + "; try dtype float32")
+
+
 def _progress(batches, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
@@ -187,7 +201,9 @@ def _output_gradients(model, H, criteria, labels, valids, teacher_H, chunk: int 
     rows = union.reshape(-1).nonzero().squeeze(1)
     ns = [max(int(v.sum()), 1) for v in valids]
     partial = [bool((v != union).any()) for v in valids]  # rows this criterion does not count
-    labels = labels.reshape(-1)
+    # once per batch: the rows on H's device (the last of a split model), the labels on lm_head's
+    rows_h, rows_head = on(rows, Hd), on(rows, weight)
+    labels = on(labels.reshape(-1), weight)
     teacher_Hf = teacher_H.reshape(-1, hidden) if teacher_H is not None else None
     closed = [transform is None and c.closed_form() for c in criteria]
     head = lm_head if transform is None else (lambda x: transform(lm_head(x).float()))
@@ -198,9 +214,9 @@ def _output_gradients(model, H, criteria, labels, valids, teacher_H, chunk: int 
     logits_buf = torch.empty(size, weight.shape[0], device=dev) if any(closed) else None
     spare_buf = torch.empty_like(logits_buf) if sum(closed) > 1 else None
     for s in range(0, len(rows), chunk):
-        r = rows[s:s + chunk]
+        r = rows_h[s:s + chunk]
         hc = Hd[r].to(dev).requires_grad_(need_graph)
-        lab = labels[r].to(dev)
+        lab = labels[rows_head[s:s + chunk]]
         has_label = lab != -100
         lab_safe = lab.clamp_min(0)
         logits = teacher = None
@@ -209,7 +225,7 @@ def _output_gradients(model, H, criteria, labels, valids, teacher_H, chunk: int 
                 logits = head(hc).float()
         if teacher_Hf is not None:
             with torch.no_grad():
-                teacher = head(teacher_Hf[r].to(dev)).float().unsqueeze(0)
+                teacher = head(teacher_Hf[on(r, teacher_Hf)].to(dev)).float().unsqueeze(0)
         if logits_buf is not None:
             z = logits_buf[:len(r)]
             if logits is None:
@@ -240,11 +256,12 @@ def _gradient_scores(model, adapter, batches, criteria: list[GradientCriterion],
 
     needs_teacher = any(c.needs_teacher for c in criteria)
     acc: list[dict[str, torch.Tensor]] = [{} for _ in criteria]
-    state = {"k": 0, "batch": 0, "valid": None}  # valid: the counted positions of each criterion
+    # valid: the counted positions of each criterion; on_device: their copies on each device, made once per batch
+    state = {"k": 0, "batch": 0, "valid": None, "on_device": None}
     tokens = 0
 
     def accumulate(key: str, store: list, i: int, groups: int | None):
-        def hook(g):
+        def hook(g):  # no host sync in here: the non-finite check runs once per batch, after the backward
             crit = criteria[state["k"]]
             x = store[i]
             if state["k"] + 1 == len(criteria):
@@ -252,11 +269,8 @@ def _gradient_scores(model, adapter, batches, criteria: list[GradientCriterion],
             contrib = x.float() * g.float()
             if groups is not None:
                 contrib = group_sum(contrib, groups)
-            v = state["valid"][state["k"]].to(contrib.device).unsqueeze(-1)
+            v = state["on_device"].on(contrib.device)[state["k"]]
             s = (crit.token_scores(contrib) * v).sum((0, 1))
-            if not torch.isfinite(s).all():
-                raise ScoreError(f"criterion {crit.name!r}: non-finite score in {key} (layer "
-                                 f"{key.split('.')[1]}) at batch {state['batch']}; try dtype float32")
             total = acc[state["k"]]
             total[key] = s if key not in total else total[key] + s
         return hook
@@ -268,6 +282,7 @@ def _gradient_scores(model, adapter, batches, criteria: list[GradientCriterion],
             labelled = counted_positions(mask)
             real = counted_positions(mask, labelled=False)
             state["batch"], state["valid"] = b, [labelled if c.uses_labels else real for c in criteria]
+            state["on_device"] = PerDevice(*(v.unsqueeze(-1) for v in state["valid"]))
             labels = next_token_labels(ids, labelled)
             tokens += max(int(v.sum()) for v in state["valid"])
             teacher_H = None
@@ -294,6 +309,8 @@ def _gradient_scores(model, adapter, batches, criteria: list[GradientCriterion],
                     grads[k] = None
                 del H, grads, first
             capture.clear()
+            for crit, total in zip(criteria, acc):  # a non-finite contribution stays non-finite in the sums
+                _check_finite(total, f"criterion {crit.name!r}", f"at batch {b}")
     finally:
         capture.remove()
     return [{k: v.cpu() for k, v in a.items()} for a in acc], tokens
@@ -336,10 +353,8 @@ def _parameter_scores(model, adapter, batches, crit: ParameterGradientCriterion,
         for i, n in enumerate(sizes):
             s = crit.neuron_scores(_neuron_parts(adapter, i, grads[start:start + n]))
             start += n
-            if not torch.isfinite(s).all():
-                raise ScoreError(f"criterion {crit.name!r}: non-finite score in mlp.{i} (layer {i}) {where}; "
-                                 "try dtype float32")
             scores[f"mlp.{i}"] = s if f"mlp.{i}" not in scores else scores[f"mlp.{i}"] + s
+        _check_finite(scores, f"criterion {crit.name!r}", where)
 
     for p in params:
         p.requires_grad_(True)
@@ -479,12 +494,6 @@ def _preprune_plan(crit: Criterion, ce_scores: dict | None, config, adapter) -> 
                        for i in range(adapter.num_layers)]}
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def calibration_batches(tokens: torch.Tensor, batch_size: int) -> list[dict]:
     return [{"input_ids": tokens[s:s + batch_size], "attention_mask": torch.ones_like(tokens[s:s + batch_size])}
             for s in range(0, len(tokens), batch_size)]
@@ -504,7 +513,14 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     from hfprune.config import criterion_options, model_entry, per_ratio
     from hfprune.data import hub_datasets_dir, load_texts, sample_windows, text_source, texts_hash
     from hfprune.models import ModelSpec, load_model
-    from hfprune.runtime import atomic_path, package_versions, resolve_device, seed_everything, write_json
+    from hfprune.runtime import (
+        atomic_path,
+        deterministic_algorithms,
+        package_versions,
+        resolve_device,
+        seed_everything,
+        write_json,
+    )
     from hfprune.timing import job_timing
 
     out_path = Path(out_path)
@@ -514,15 +530,18 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
         ratio = None  # its scores serve every ratio
     crit = get_criterion(criterion, criterion_options(cfg, criterion, ratio))
     spec = ModelSpec.from_config(model_entry(cfg, model_name))
+    if cfg["scoring"]["deterministic"]:
+        deterministic_algorithms()  # before anything starts CUDA
     seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
     loading = time.perf_counter()
-    model, tok = load_model(spec, cfg["resources_dir"], dtype=cfg["dtype"], device_map=cfg["device_map"])
+    model, tok = load_model(spec, cfg["resources_dir"], dtype=cfg["dtype"], device_map=cfg["device_map"],
+                            attn_implementation=cfg["attn_implementation"])
     spec = spec.resolved(model.config)  # the family, where the config could not name it before the download
     if cfg["device_map"] is None:
         model.to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    devices = model_devices(model)
+    reset_peak_memory(devices)
     cal = cfg["calibration"]
     tokens = torch.empty(0, dtype=torch.long)
     texts_sha256 = None
@@ -543,7 +562,9 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
                               seed=cal["seed"], logits_chunk=cfg["scoring"]["logits_chunk"],
                               gradient_checkpointing=cfg["scoring"]["gradient_checkpointing"], progress=True)
     seconds = time.perf_counter() - start
-    summary = {"seconds": round(seconds, 3), "peak_memory_mb": round(_peak_memory_mb(device), 1),
+    peak = peak_memory_mb(devices)  # every device the model uses (a device map's GPUs summed)
+    summary = {"seconds": round(seconds, 3), "peak_memory_mb": round(peak.pop("total"), 1),
+               "peak_memory_mb_per_device": {d: round(v, 1) for d, v in peak.items()},
                "tokens": n_tokens, "device": str(device), "dtype": cfg["dtype"]}
     # the draw this file belongs to (the cell's seed label); `seeded` says whether the scores depend on it
     header = {"model": spec.name, "family": spec.family, "criterion": criterion, "scope": scope,
@@ -556,7 +577,9 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
                                   if crit.requires_data else {}), "tokens": n_tokens, "sha256": token_hash},
                "seed": cfg["seed"], "calibration_seed": cal["seed"], "seeded": crit.seeded, "dtype": cfg["dtype"],
                "device": str(device), "seconds": summary["seconds"],
-               "peak_memory_mb": summary["peak_memory_mb"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "peak_memory_mb": summary["peak_memory_mb"],
+               "peak_memory_mb_per_device": summary["peak_memory_mb_per_device"],
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "versions": package_versions()}
     summary["timing"] = sidecar["timing"] = job_timing({"load": loaded, "score": seconds})
     with atomic_path(out_path) as tmp:

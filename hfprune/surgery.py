@@ -67,29 +67,37 @@ def read_plan(plan_path: str | os.PathLike, model_name: str, base_config=None) -
     return plan
 
 
+def input_mask(linear: nn.Linear, keep) -> torch.Tensor:
+    """0/1 mask over `linear`'s input features (1 at `keep`), made on its weight's device and in its dtype, where
+    the input it multiplies arrives (accelerate moves a module's inputs to its weight's device)."""
+    w = linear.weight
+    mask = torch.zeros(linear.in_features, device=w.device, dtype=w.dtype)
+    return mask.index_fill_(0, torch.as_tensor(keep, dtype=torch.long).to(w.device), 1)
+
+
 @contextlib.contextmanager
 def neuron_mask(model, plan: dict):
-    """Within the block, removed neurons (and KV groups) output zero: forward pre-hooks on down_proj/o_proj."""
+    """Within the block, removed neurons (and KV groups) output zero: forward pre-hooks on down_proj/o_proj.
+    Each mask is made once, on its module's device; a forward converts it only under autocast."""
     adapter = get_adapter(model)
     check_plan(adapter, plan)
     handles = []
 
     def hook_for(mask: torch.Tensor):
         def pre_hook(module, args):
-            return (args[0] * mask.to(device=args[0].device, dtype=args[0].dtype),) + args[1:]
+            x = args[0]
+            m = mask if (mask.device, mask.dtype) == (x.device, x.dtype) else mask.to(x.device, x.dtype)
+            return (x * m,) + args[1:]
         return pre_hook
 
     for i, entry in enumerate(plan["layers"]):
         mlp = adapter.mlp(i)
-        mask = torch.zeros(mlp.down.in_features)
-        mask[entry["mlp_keep"]] = 1
-        handles.append(mlp.down.register_forward_pre_hook(hook_for(mask)))
+        handles.append(mlp.down.register_forward_pre_hook(hook_for(input_mask(mlp.down, entry["mlp_keep"]))))
         if entry.get("kv_keep") is not None:
             attn = adapter.attention(i)
             n_rep = attn.num_heads // attn.num_kv_heads
-            mask = torch.zeros(attn.o.in_features)
-            mask[_head_indices(entry["kv_keep"], n_rep, attn.head_dim)] = 1
-            handles.append(attn.o.register_forward_pre_hook(hook_for(mask)))
+            keep = _head_indices(entry["kv_keep"], n_rep, attn.head_dim)
+            handles.append(attn.o.register_forward_pre_hook(hook_for(input_mask(attn.o, keep))))
     try:
         yield model
     finally:
@@ -172,8 +180,9 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
-def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None):
-    """Load a folder written by `save_pruned`, uniform or not (non-uniform folders need this loader)."""
+def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, attn_implementation: str = "sdpa"):
+    """Load a folder written by `save_pruned`, uniform or not (non-uniform folders need this loader), with the
+    attention kernel pinned."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -183,7 +192,8 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None):
     kv_heads = getattr(config, "hfprune_num_key_value_heads", None)
     if sizes is None and kv_heads is None:
         with reading(path, "model folder"):
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                        attn_implementation=attn_implementation).eval()
     n_layers = config.num_hidden_layers
     sizes = sizes or [config.intermediate_size] * n_layers
     kv_heads = kv_heads or [config.num_key_value_heads] * n_layers
@@ -194,7 +204,8 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None):
     for attr in ("hfprune_intermediate_sizes", "hfprune_num_key_value_heads"):
         if hasattr(dense, attr):
             delattr(dense, attr)
-    model = AutoModelForCausalLM.from_config(dense, dtype=dtype or config.dtype)
+    model = AutoModelForCausalLM.from_config(dense, dtype=dtype or config.dtype,
+                                             attn_implementation=attn_implementation)
     # shrinking with a keep-the-first-n plan gives the right shapes; the weights are overwritten below
     prune_model(model, {"layers": [{"mlp_keep": list(range(s)), "kv_keep": list(range(k))}
                                    for s, k in zip(sizes, kv_heads)]})

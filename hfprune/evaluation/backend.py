@@ -11,10 +11,15 @@ with the same numbers (up to float rounding) by:
    sees the prefix and itself, causally), and position ids restart after the prefix in every branch, so each
    branch computes exactly what its request would compute alone;
 2. **batching across documents**: several groups share one row (each attends only to itself), rows are filled
-   to about `row_tokens` tokens and batched to about `max_batch_tokens` tokens per forward: small
-   per-document forwards are overhead-bound on CPU, and packing leaves little padding;
+   to about `row_tokens` tokens, padded to a multiple of 32 and batched with rows of the same width to about
+   `max_batch_tokens` tokens per forward (a default per device kind): small per-document forwards are
+   overhead-bound, and packing leaves little padding;
 3. **scoring only what is read**: the decoder body runs on the batch, the output layer (`lm_head`) runs only on
-   the hidden states at scored positions (deduplicated), and the log-softmax runs in fp32.
+   the hidden states at scored positions (deduplicated, a fixed number of rows per product), and the
+   log-softmax runs in fp32. With fixed shapes per row a request's answer does not depend on its batch mates.
+
+On a model split over devices, each index tensor is placed on the device of the tensor it selects from
+(hfprune.placement); per-request results reach the host in one copy per batch.
 
 The model input of a request is exactly HFLM's: context + continuation, left-truncated to `max_length + 1`
 tokens, last token dropped. Results are (sum of the continuation's log-probs, whether every continuation
@@ -40,10 +45,57 @@ from tqdm import tqdm
 
 from hfprune.errors import HFPruneError
 from hfprune.models import additive_mask
+from hfprune.placement import input_device, on
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("shared", "stock")
+# evaluation.max_batch_tokens: null -> padded tokens per forward by device kind. CPU: 256 per batch_size row, the
+# size that was measured there (small forwards are overhead-bound, larger ones gain nothing). CUDA: an H100 is
+# kernel-launch bound far below this; 32k tokens keep a forward's activations of an 8B model in bf16 at about
+# 1 GiB per MLP intermediate (32k x 14336 x 2 B) with the tree mask handled by SDPA's memory-efficient kernel.
+CUDA_BATCH_TOKENS = 32768
+
+
+# Rows are padded to a multiple of WIDTH_QUANTUM tokens and batched only with rows of the same width, and lm_head
+# runs on a fixed number of rows: a token's log-prob then never depends on what else is in its batch (on CPU it is
+# bit-identical whatever max_batch_tokens is; a kernel's reduction order follows the shapes it is given).
+WIDTH_QUANTUM = 32
+
+
+def default_max_batch_tokens(device_type: str, batch_size: int) -> int:
+    """Padded tokens per forward when evaluation.max_batch_tokens is null, by the kind of device evaluated on."""
+    return CUDA_BATCH_TOKENS if device_type == "cuda" else 256 * batch_size
+
+
+def head_rows(device_type: str) -> int:
+    """Scored positions per lm_head product: few on CPU (the last chunk is padded up to it), more on CUDA (fp32
+    log-probs of 512 rows x 152k tokens are 0.3 GiB)."""
+    return 512 if device_type == "cuda" else 64
+
+
+def row_width(used: int) -> int:
+    """The padded width of a row holding `used` tokens."""
+    return -(-used // WIDTH_QUANTUM) * WIDTH_QUANTUM
+
+
+def scored_rows(reqs: list[int], scored: dict[int, tuple[int, list[int]]], width: int) -> torch.Tensor:
+    """Flat row indices (row * width + column) into a [B * width, H] view of the hidden states of every scored
+    position of `reqs`, in request order (on the host; `on` moves it to the hidden states' device)."""
+    return torch.tensor([scored[r][0] * width + c for r in reqs for c in scored[r][1]], dtype=torch.long)
+
+
+def per_request(token_lp: torch.Tensor, greedy: torch.Tensor, lengths: list[int]) -> list[tuple[float, bool]]:
+    """(sum of log-probs, every token greedy) per request from its tokens' values, on their device, then one
+    copy to the host for the whole batch (no per-request sync). Sums in fp64 in token order: a request's sum
+    does not depend on what else is in its batch."""
+    seg = on(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)), token_lp)
+    sums = torch.zeros(len(lengths), dtype=torch.float64, device=token_lp.device)
+    sums.index_add_(0, seg, token_lp.double())
+    misses = torch.zeros(len(lengths), dtype=torch.float64, device=token_lp.device)
+    misses.index_add_(0, seg, (~greedy).double())
+    host = torch.stack([sums, misses]).cpu()
+    return [(float(lp), not bool(m)) for lp, m in zip(host[0].tolist(), host[1].tolist(), strict=True)]
 
 
 @dataclass
@@ -99,7 +151,7 @@ def group_requests(inputs: list[list[int]], max_row_tokens: int, min_gain: float
 class SharedContextLM(HFLM):
     """HFLM whose loglikelihood requests share prefixes, batch across documents and score only read positions.
 
-    `max_batch_tokens`: padded tokens per forward (default 256 x batch_size); `row_tokens`: the width rows are
+    `max_batch_tokens`: padded tokens per forward (default by device kind: `default_max_batch_tokens`); `row_tokens`: the width rows are
     filled to with independent groups (sequence packing: little padding, attention cost grows with the width);
     `max_row_tokens`: the longest a prefix group may grow to (a single longer request still gets its own row).
     """
@@ -108,9 +160,10 @@ class SharedContextLM(HFLM):
                  max_row_tokens: int = 2048, **kwargs):
         super().__init__(*args, **kwargs)
         bs = self.batch_size if isinstance(self.batch_size, int) else 8
-        self.max_batch_tokens = int(max_batch_tokens or 256 * bs)
+        self.max_batch_tokens = int(max_batch_tokens or default_max_batch_tokens(self.device.type, bs))
         self.row_tokens = int(row_tokens)
         self.max_row_tokens = int(max_row_tokens)
+        self.head_rows = head_rows(self.device.type)
         self._checked = False
 
     # ---- model pieces -------------------------------------------------------------------------------------
@@ -147,14 +200,36 @@ class SharedContextLM(HFLM):
             logits = torch.tanh(logits / cap) * cap
         return F.log_softmax(logits, dim=-1)
 
+    def _score_tokens(self, rows: torch.Tensor, inverse: torch.Tensor, toks: torch.Tensor):
+        """Log-prob of each scored token and whether it is the argmax, from the hidden states `rows` [N, H] of
+        the distinct scored positions (`inverse`: each token's row). lm_head runs on `head_rows` rows at a time
+        (the last chunk padded with zeros), so [N, V] log-probs never exist and every product has one shape."""
+        c = self.head_rows
+        token_lp, best = None, []
+        for s in range(0, rows.shape[0], c):
+            chunk = rows[s:s + c]
+            if len(chunk) < c:
+                chunk = torch.cat([chunk, chunk.new_zeros(c - len(chunk), chunk.shape[1])])
+            lp = self._logprobs(chunk)
+            if token_lp is None:  # indices go to the log-probs' device (lm_head's, the last of a split model)
+                inverse, toks = on(inverse, lp), on(toks, lp)
+                token_lp = torch.zeros(toks.shape, dtype=lp.dtype, device=lp.device)
+            local = inverse - s
+            inside = (local >= 0) & (local < c)  # no host sync: every token is read, the chunk's are kept
+            token_lp = torch.where(inside, lp[local.clamp(0, c - 1), toks], token_lp)
+            best.append(lp.argmax(dim=-1))
+        return token_lp, torch.cat(best)[inverse] == toks
+
     # ---- batch construction -------------------------------------------------------------------------------
-    def _build_batch(self, rows: list[list[_Group]], inputs: list[list[int]], contlens: list[int]):
-        """Rows of packed groups, right-padded -> (input_ids, position_ids, allowed [B, T, T], scored).
+    def _build_batch(self, rows: list[list[_Group]], inputs: list[list[int]], contlens: list[int],
+                     width: int | None = None):
+        """Rows of packed groups, right-padded to `width` (default: the longest row) -> (input_ids,
+        position_ids, allowed [B, T, T], scored).
 
         `scored[request] = (row, packed columns of its scored positions)`. A row holds several independent groups
         side by side; a token may attend to earlier tokens of its own group's prefix and of its own branch.
         """
-        width = max(sum(g.packed_len for g in row) for row in rows)
+        width = width or max(sum(g.packed_len for g in row) for row in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         pos = torch.zeros((len(rows), width), dtype=torch.long)
@@ -184,9 +259,9 @@ class SharedContextLM(HFLM):
                    & ((br[:, None, :] == -1) | (br[:, None, :] == br[:, :, None])))
         return ids, pos, allowed, scored  # padding attends to earlier padding only (never a fully masked row)
 
-    def _batches(self, groups: list[_Group]) -> list[list[list[_Group]]]:
-        """Groups -> rows (first-fit decreasing into rows of `row_tokens`, or one longer group) -> batches of
-        at most `max_batch_tokens` padded tokens (rows of similar width together)."""
+    def _batches(self, groups: list[_Group]) -> list[tuple[int, list[list[_Group]]]]:
+        """Groups -> rows (first-fit decreasing into rows of `row_tokens`, or one longer group) -> (width,
+        rows) batches of at most `max_batch_tokens` padded tokens (a batch: rows of one `row_width`)."""
         rows: list[tuple[int, list[_Group]]] = []  # (capacity, groups)
         used: list[int] = []
         for g in sorted(groups, key=lambda g: -g.packed_len):
@@ -198,17 +273,14 @@ class SharedContextLM(HFLM):
             else:
                 rows.append((max(self.row_tokens, g.packed_len), [g]))
                 used.append(g.packed_len)
-        order = sorted(range(len(rows)), key=lambda i: -used[i])
-        batches, cur, width = [], [], 0
+        # rows of one padded width per batch, so a row's width never depends on its batch mates
+        order = sorted(range(len(rows)), key=lambda i: (-row_width(used[i]), -used[i]))
+        batches: list[tuple[int, list[list[_Group]]]] = []
         for i in order:
-            if cur and (len(cur) + 1) * width > self.max_batch_tokens:
-                batches.append(cur)
-                cur = []
-            if not cur:
-                width = used[i]
-            cur.append(rows[i][1])
-        if cur:
-            batches.append(cur)
+            width = row_width(used[i])
+            if not batches or batches[-1][0] != width or (len(batches[-1][1]) + 1) * width > self.max_batch_tokens:
+                batches.append((width, []))
+            batches[-1][1].append(rows[i][1])
         return batches
 
     def _check_route(self, tokens: list[int]) -> None:
@@ -220,7 +292,7 @@ class SharedContextLM(HFLM):
         tree = _Group(first=inputs[0], prefix_len=len(prefix), members=[0, 1], lengths=[len(i) for i in inputs[:2]])
         alone = _Group(first=inputs[2], prefix_len=len(inputs[2]), members=[2], lengths=[len(inputs[2])])
         ids, pos, allowed, scored = self._build_batch([[tree, alone]], inputs, [len(i) for i in inputs])
-        dev = self.device
+        dev = input_device(self.model)
         refs = []
         with torch.no_grad():
             for inp in inputs:
@@ -228,14 +300,15 @@ class SharedContextLM(HFLM):
 
         def worst(mask) -> float:
             """Largest |log-prob error| against the model's forward, over each position's 16 likeliest tokens
-            (rare tokens' log-probs carry more rounding)."""
+            (rare tokens' log-probs carry more rounding). The references are on the logits' device, the route's
+            hidden states on the decoder's last one: each index goes to the tensor it selects from."""
             hidden = self._hidden(ids.to(dev), pos.to(dev), mask.to(dev))[0]
-            out = 0.0
+            errs = []
             for req, ref in enumerate(refs):
                 top = ref.topk(min(16, ref.shape[-1]), dim=-1).indices
-                got = self._logprobs(hidden[scored[req][1]])
-                out = max(out, float((got.gather(-1, top) - ref.gather(-1, top)).abs().max()))
-            return out
+                got = self._logprobs(hidden[on(torch.tensor(scored[req][1]), hidden)])
+                errs.append((got.gather(-1, on(top, got)) - on(ref.gather(-1, top), got)).abs().max())
+            return float(torch.stack(errs).max())
 
         err = worst(allowed)
         dtype = next(self.model.parameters()).dtype
@@ -280,24 +353,21 @@ class SharedContextLM(HFLM):
 
         batches = self._batches(group_requests(inputs, self.max_row_tokens))
         res: list[tuple[float, bool] | None] = [None] * len(requests)
-        dev = self.device
+        dev = input_device(self.model)
         pbar = tqdm(total=len(requests), disable=(disable_tqdm or self.rank != 0),
                     desc="Running loglikelihood requests (hfprune)")
-        for batch in batches:
-            ids, pos, allowed, scored = self._build_batch(batch, inputs, contlens)
+        for width, batch in batches:
+            ids, pos, allowed, scored = self._build_batch(batch, inputs, contlens, width)
+            # inputs on the first device; the hidden states come out on the decoder's last device and the
+            # log-probs on lm_head's: each index tensor goes to the device of the tensor it selects from
             hidden = self._hidden(ids.to(dev), pos.to(dev), allowed.to(dev))
             reqs = [r for row in batch for g in row for r in g.members]
-            width = ids.shape[1]
-            flat = torch.tensor([scored[r][0] * width + c for r in reqs for c in scored[r][1]], dtype=torch.long)
-            uniq, inverse = torch.unique(flat, return_inverse=True)
-            logp = self._logprobs(hidden.reshape(-1, hidden.shape[-1])[uniq.to(dev)])
-            inverse = inverse.to(dev)
-            toks = torch.tensor([t for r in reqs for t in conts[r]], dtype=torch.long, device=dev)
-            token_lp = logp[inverse, toks]
-            greedy = logp.argmax(dim=-1)[inverse] == toks
-            for r, lp, ok in zip(reqs, token_lp.split([contlens[r] for r in reqs]),
-                                 greedy.split([contlens[r] for r in reqs]), strict=True):
-                res[r] = (float(lp.sum()), bool(ok.all()))
+            uniq, inverse = torch.unique(scored_rows(reqs, scored, width), return_inverse=True)
+            toks = torch.tensor([t for r in reqs for t in conts[r]], dtype=torch.long)
+            token_lp, greedy = self._score_tokens(hidden.reshape(-1, hidden.shape[-1])[on(uniq, hidden)], inverse,
+                                                  toks)
+            for r, answer in zip(reqs, per_request(token_lp, greedy, [contlens[r] for r in reqs]), strict=True):
+                res[r] = answer
             pbar.update(len(reqs))
         pbar.close()
         for (request_str, _, _), answer in zip(requests, res, strict=True):

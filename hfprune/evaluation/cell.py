@@ -97,12 +97,14 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
     device = resolve_device(cfg["device"])
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    dense, tokenizer = load_model(spec, cfg["resources_dir"], cfg["dtype"], cfg["device_map"])
+    dense, tokenizer = load_model(spec, cfg["resources_dir"], cfg["dtype"], cfg["device_map"],
+                                  cfg["attn_implementation"])
     spec = spec.resolved(dense.config)  # the family, where the config could not name it before the download
     if cfg["device_map"] is None:
         dense.to(device)
     if recovered_dir is not None:
-        model = load_pruned(recovered_dir, dtype=resolve_dtype(cfg["dtype"])).to(device)
+        model = load_pruned(recovered_dir, dtype=resolve_dtype(cfg["dtype"]),
+                            attn_implementation=cfg["attn_implementation"]).to(device)
     elif pruned:
         model = prune_model(copy.deepcopy(dense), plan)
     else:
@@ -132,7 +134,8 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
     if selection is not None:
         start = time.perf_counter()
         with quiet_lm_eval_git():
-            tasks, lm_meta, raw = evaluate_tasks(model, tokenizer, selection, ev["batch_size"], log_samples=True)
+            tasks, lm_meta, raw = evaluate_tasks(model, tokenizer, selection, ev["batch_size"], log_samples=True,
+                                                 max_batch_tokens=ev["max_batch_tokens"])
         seconds["lm_eval"] = time.perf_counter() - start
         records += task_records(selection, raw["samples"])
     start = time.perf_counter()

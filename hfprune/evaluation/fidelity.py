@@ -22,7 +22,7 @@ import torch
 
 from hfprune.data import load_texts, sample_windows, text_source, texts_hash
 from hfprune.errors import HFPruneError
-from hfprune.evaluation.perplexity import input_device
+from hfprune.placement import input_device
 
 
 def position_metrics(ref_logits: torch.Tensor, logits: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:

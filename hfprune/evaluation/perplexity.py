@@ -11,11 +11,7 @@ import math
 import torch
 
 from hfprune.data import eval_chunks, text_source, texts_hash
-
-
-def input_device(model) -> torch.device:
-    """Where a model's inputs go (its embedding's device; also right for accelerate device maps)."""
-    return model.get_input_embeddings().weight.device
+from hfprune.placement import input_device
 
 
 @torch.no_grad()
@@ -24,7 +20,7 @@ def window_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
     ids = input_ids.to(input_device(model))
     logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
     logp = torch.log_softmax(logits, dim=-1)
-    nll = -logp.gather(-1, ids[:, 1:, None].to(logp.device)).squeeze(-1)
+    nll = -logp.gather(-1, ids[:, 1:, None].to(logp.device)).squeeze(-1)  # logits: on lm_head's device
     return nll.sum(dim=1).cpu()
 
 

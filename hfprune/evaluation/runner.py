@@ -125,8 +125,9 @@ def _metric_value(task_results: dict, metric: str, suffix: str = "") -> object:
 
 
 def evaluate_tasks(model, tokenizer, selection: TaskSelection, batch_size: int = 8,
-                   log_samples: bool = False) -> tuple[dict, dict, dict]:
-    """Run lm-eval on `model`; returns (tasks JSON, meta, lm-eval's raw results)."""
+                   log_samples: bool = False, max_batch_tokens: int | None = None) -> tuple[dict, dict, dict]:
+    """Run lm-eval on `model`; returns (tasks JSON, meta, lm-eval's raw results). `max_batch_tokens`: the
+    shared backend's tokens per forward (None: its default for the device)."""
     import lm_eval
 
     from hfprune.evaluation.backend import lm_class
@@ -134,8 +135,9 @@ def evaluate_tasks(model, tokenizer, selection: TaskSelection, batch_size: int =
     # lm-eval's HFLM prepends BOS only if asked; follow the tokenizer (LLaMA-2: yes, as in the paper; Qwen and
     # SmolLM2: no), the same as HFLM loading the folder by path with add_bos_token unset.
     add_bos = bool(bos_prefix(tokenizer))
+    sized = {"max_batch_tokens": max_batch_tokens} if selection.backend == "shared" else {}
     lm = lm_class(selection.backend)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                                     add_bos_token=add_bos)
+                                     add_bos_token=add_bos, **sized)
     res = lm_eval.simple_evaluate(model=lm, tasks=selection.objects or list(selection.tasks.values()),
                                   task_manager=selection.task_manager, samples=selection.lm_eval_samples(),
                                   log_samples=log_samples)
@@ -153,5 +155,6 @@ def evaluate_tasks(model, tokenizer, selection: TaskSelection, batch_size: int =
             "docs_evaluated": {n: t["n"] for n, t in tasks.items()},
             "limit": selection.limit, "subsample_seed": selection.seed,
             "subsample_indices": selection.samples, "add_bos_token": add_bos, "batch_size": batch_size,
+            "max_batch_tokens": getattr(lm, "max_batch_tokens", None),
             "num_fewshot": 0, "backend": selection.backend}
     return tasks, meta, res

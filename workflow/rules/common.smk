@@ -103,7 +103,7 @@ def settings(*keys):
 
     def digest(wildcards):
         cfg = point(wildcards)
-        used = {key: _lookup(cfg, key) for key in keys if key != grid.OPTIONS}
+        used = {key: grid.digest_value(key, _lookup(cfg, key)) for key in keys if key != grid.OPTIONS}
         names = wildcards.keys()
         # a model's seed list is an axis (the `seed` wildcard), not a setting of its jobs
         used["model"] = {k: v for k, v in MODELS[wildcards.model].items() if k != "seeds"} if "model" in names else None
