@@ -17,6 +17,7 @@ from hfprune.config import load_job_config
 
 HELP = "LoRA recovery fine-tuning of a pruned model; saves the checkpoint (merged, or + unmerged adapter) + recovery.json"
 NPROC_ENV = "HFPRUNE_RECOVER_NPROC"
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 def add_arguments(parser):
@@ -53,9 +54,10 @@ def run(args) -> int:
     n = processes(cfg, args)
     accumulation(cfg["recovery"], n)  # rows per step that do not split: one line, before any process starts
     if n > 1 and "LOCAL_RANK" not in os.environ:
+        # torchrun forwards these to every process (and waits up to the timeout for their checkpoint)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", "hfprune.cli", "recover", "--config", args.config, "--model", args.model, "--plan", args.plan,
-               "--out", args.out, "--nproc", str(n)]
+               f"--signals_to_handle={TORCHRUN_SIGNALS}", "--shutdown_timeout=300", "-m", "hfprune.cli", "recover",
+               "--config", args.config, "--model", args.model, "--plan", args.plan, "--out", args.out]
         sys.stdout.flush()
         os.execv(sys.executable, cmd)
     if int(os.environ.get("RANK", "0")) != 0:  # only the main process tracks, logs and writes
