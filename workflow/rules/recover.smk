@@ -1,4 +1,12 @@
 # Optional LoRA recovery (config recovery.enabled): a recovered cell depends on its plan only.
+# `hfprune recover` runs itself under torchrun when the job has several GPUs (resources.gpus_per_job of
+# recover); threads and memory are per training process. A killed job's checkpoints survive under
+# <results_dir>/<experiment>/checkpoints/ (outside the directory() output) and the retry resumes from them.
+
+
+def recover_processes(wildcards):
+    return max(1, gpus_per_job(point(wildcards), wildcards.model, "recover"))
+
 
 
 rule recover:
@@ -17,10 +25,10 @@ rule recover:
         hfprune=HFPRUNE_GPU,
         config=job_config,
         settings=settings(*grid.READS["recover"]),
-    threads: 4
+    threads: lambda wildcards: 4 * recover_processes(wildcards)
     resources:
         gpu=GPU,
-        mem_mb=32000,
+        mem_mb=lambda wildcards: 32000 * recover_processes(wildcards),
         runtime=720,
     shell:
         "{params.hfprune} recover --config {params.config} --model {wildcards.model} --plan {input.plan} "
