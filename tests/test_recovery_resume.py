@@ -26,6 +26,18 @@ from hfprune.surgery import load_pruned
 REPO = Path(__file__).resolve().parents[1]
 
 
+def tiny_local_model(path: Path) -> Path:
+    """A tiny random LLaMA with the real SmolLM2 tokenizer in a local folder (as the fixture `local_model`)."""
+    from conftest import REPO_RESOURCES
+
+    from hfprune.models import ModelSpec, load_tokenizer
+
+    tok = load_tokenizer(ModelSpec("smollm2-135m", "llama", "smollm2-135m"), REPO_RESOURCES)
+    tiny_model("llama", vocab_size=len(tok), tie_word_embeddings=True).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def job(tmp_path: Path, local, name: str, tracking: bool = False, **recovery) -> tuple[Path, list[str]]:
     """A recover job's config + plan in tmp_path/name; returns (out dir, the CLI's argv)."""
     root = tmp_path / name
@@ -57,7 +69,7 @@ def interrupt(argv, sig: int, after: str) -> tuple[int, str]:
         if after in line:
             proc.send_signal(sig)
             break
-    rest, err = proc.communicate(timeout=600)
+    _, err = proc.communicate(timeout=600)
     return proc.returncode, "".join(lines) + err
 
 

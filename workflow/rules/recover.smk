@@ -3,10 +3,11 @@
 # recover); threads and memory are per training process. A killed job's checkpoints survive under
 # <results_dir>/<experiment>/checkpoints/ (outside the directory() output) and the retry resumes from them.
 
+from hfprune.config import gpus_per_job
+
 
 def recover_processes(wildcards):
     return max(1, gpus_per_job(point(wildcards), wildcards.model, "recover"))
-
 
 
 rule recover:
@@ -25,6 +26,8 @@ rule recover:
         hfprune=HFPRUNE_GPU,
         config=job_config,
         settings=settings(*grid.READS["recover"]),
+    # attempts: ceil(estimated hours / runtime hours) + 1; 3 for the paper grid's 7-8B jobs (docs/GPU.md)
+    retries: 3
     threads: lambda wildcards: 4 * recover_processes(wildcards)
     resources:
         gpu=GPU,
