@@ -133,6 +133,33 @@ def save_recovered(peft_model, tokenizer, out_dir: Path, recipe: str, dtype: tor
     return model
 
 
+def check_recovery_memory(cfg: dict, model_name: str, arch, plan: dict, processes: int) -> None:
+    """The estimated peak of one training process (hfprune.estimates.recovery_memory, every layer as wide as the
+    plan's widest) against this machine's memory (hfprune.limits.memory_budget; on CPU the processes share it),
+    before any weight is loaded."""
+    import copy
+
+    from hfprune import estimates
+    from hfprune.limits import GIB, RUNTIME_BYTES, memory_budget
+
+    budget = memory_budget(cfg)
+    if budget is None:
+        return
+    limit, what, device = budget
+    if device == "cpu":
+        limit //= processes
+    pruned = copy.copy(arch)
+    pruned.intermediate_size = max(len(layer["mlp_keep"]) for layer in plan["layers"])
+    parts = {**estimates.recovery_memory(pruned, cfg), "runtime": RUNTIME_BYTES[device]}
+    need = sum(parts.values())
+    if need > limit:
+        detail = ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items() if v)
+        knobs = "lower recovery.batch_size (recovery.rows_per_step keeps the step) or recovery.seq_len" + (
+            "" if cfg["recovery"].get("gradient_checkpointing") else ", or set recovery.gradient_checkpointing: true")
+        raise ConfigError(f"recovering model {model_name!r} needs about {need / GIB:.1f} GiB per process ({detail}), "
+                          f"more than the {limit / GIB:.1f} GiB of {what}; {knobs}")
+
+
 # --- the stage -------------------------------------------------------------------------------------------------
 def make_accelerator(device: torch.device):
     """accelerate's Accelerator when this process is one of several of a torchrun launch, else None."""
@@ -182,13 +209,15 @@ def run_recovery(cfg: dict, model_name: str, plan_path: str | os.PathLike, out_d
     rcfg, seed = cfg["recovery"], cfg["seed"]
     check_settings(rcfg)
     spec = ModelSpec.from_config(model_entry(cfg, model_name))
-    plan = read_plan(plan_path, model_name, AutoConfig.from_pretrained(ensure_available(spec, cfg["resources_dir"])))
+    arch = AutoConfig.from_pretrained(ensure_available(spec, cfg["resources_dir"]))
+    plan = read_plan(plan_path, model_name, arch)
     device = resolve_device(cfg["device"])
     accelerator = make_accelerator(device)
     if accelerator is not None:
         device = accelerator.device
     processes = accelerator.num_processes if accelerator else 1
     accumulation(rcfg, processes)
+    check_recovery_memory(cfg, model_name, arch, plan, processes)
     root, resume_meta = resume_point(cfg, model_name, plan_path, out_dir)
     main = accelerator is None or accelerator.is_main_process
     dtype, autocast_dtype = training_precision(cfg, device)

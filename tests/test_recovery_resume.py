@@ -164,7 +164,7 @@ def test_chunked_cross_entropy_equals_the_whole_one():
         assert torch.allclose(p.grad, grads[n], atol=1e-5), (n, (p.grad - grads[n]).abs().max())
 
 
-def test_bad_inputs_are_one_line(local_model, tmp_path):  # noqa: F811
+def test_bad_inputs_are_one_line(local_model, tmp_path, monkeypatch):  # noqa: F811
     with pytest.raises(ConfigError, match="recovery.checkpoint_every"):
         make_cfg(checkpoint_every=0)
     with pytest.raises(ConfigError, match=r"^recovery.rows_per_step: 6 rows per step do not split into 2 processes "
@@ -192,3 +192,8 @@ def test_bad_inputs_are_one_line(local_model, tmp_path):  # noqa: F811
     ops = {"checkpoint_every": 7, "gradient_checkpointing": True, "log_every": 3}
     assert checkpoints.settings_digest({**cfg, "recovery": {**cfg["recovery"], **ops}}, cfg["models"][0]) == digest
     assert not out.exists()
+    checkpoints.remove(root)
+    monkeypatch.setenv("HFPRUNE_MEMORY_BUDGET_MB", "1")  # the check before the first step names the knobs
+    with pytest.raises(ConfigError, match=r"needs about .* more than the 0.0 GiB of HFPRUNE_MEMORY_BUDGET_MB; lower "
+                                          r"recovery.batch_size .*recovery.gradient_checkpointing: true$"):
+        run_recovery(cfg, "m", plan, out)
