@@ -326,13 +326,16 @@ def recovery_memory(arch, cfg: dict) -> dict[str, int]:
     rcfg = cfg["recovery"]
     fp32 = fp32_base_weights(cfg)
     b = 4 if fp32 else DTYPE_BYTES[cfg["dtype"]]  # hfprune.recovery trains in fp32 on CPU
+    autocast = fp32 and cfg["device"] != "cpu" and cfg["dtype"] == "bfloat16"
+    h, inter = arch.hidden_size, arch.intermediate_size
     n = rcfg["batch_size"] * rcfg["seq_len"]
     layer = layer_activation_bytes(arch, rcfg["batch_size"], rcfg["seq_len"], b)
-    if rcfg["lora"]["dropout"] > 0:
-        layer += n * (6 * arch.hidden_size + arch.intermediate_size) * b
-    kept = (arch.num_hidden_layers * n * arch.hidden_size * b + layer if rcfg.get("gradient_checkpointing")
+    if autocast:  # the residual stream and norms stay fp32; the MLP's matmul outputs are bf16
+        layer -= n * 4 * inter * 2
+    if rcfg["lora"]["dropout"] > 0:  # dropout copies of the targets' inputs: hidden-wide fp32, down_proj's bf16
+        layer += n * (6 * h * b + inter * (2 if autocast else b))
+    kept = (arch.num_hidden_layers * n * h * b + layer if rcfg.get("gradient_checkpointing")
             else arch.num_hidden_layers * layer)
-    autocast = fp32 and cfg["device"] != "cpu" and cfg["dtype"] == "bfloat16"
     chunk = min(n, max(1, CE_CHUNK_BYTES // (4 * arch.vocab_size)))
     return {"weights": total_params(arch) * (4 if fp32 else b),
             "autocast_copies": total_params(arch) * 2 if autocast else 0,
