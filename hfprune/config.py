@@ -180,3 +180,12 @@ def criterion_options(cfg: dict, criterion: str, ratio=None) -> dict:
     if ratio is not None:
         opts.update(by.get(format_ratio(float(ratio)), {}))
     return opts
+
+
+def gpus_per_job(cfg: dict, model: str, stage: str) -> int:
+    """GPUs a job of `stage` ("score" | "recover" | "evaluate") on `model` uses: resources.gpus_per_job (an int
+    or {stage: int}; a model entry's `resources` overrides), default 1; 0 when the config's device is cpu."""
+    if cfg["device"] == "cpu":
+        return 0
+    per_job = {**(cfg.get("resources") or {}), **(model_entry(cfg, model).get("resources") or {})}.get("gpus_per_job", 1)
+    return per_job.get(stage, 1) if isinstance(per_job, dict) else per_job

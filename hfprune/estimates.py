@@ -316,6 +316,7 @@ def fp32_base_weights(cfg: dict) -> bool:
 def recovery_tokens(cfg: dict) -> tuple[int, int, int]:
     """(examples, tokens per example, tokens trained) of one recover job."""
     from hfprune.recovery import num_steps
+    from hfprune.recovery_train import rows_per_step
 
     rcfg = cfg["recovery"]
     seq = rcfg["seq_len"]
@@ -327,24 +328,37 @@ def recovery_tokens(cfg: dict) -> tuple[int, int, int]:
         examples = whole if rcfg["num_samples"] is None else min(rcfg["num_samples"], whole)
         per = seq
     steps = num_steps(rcfg, max(examples, 1))
-    return examples, per, steps * rcfg["grad_accum"] * rcfg["batch_size"] * per
+    return examples, per, steps * rows_per_step(rcfg) * per
 
 
 def recovery_memory(arch, cfg: dict) -> dict[str, int]:
-    """Peak bytes of a recover job on the pruned `arch`: base weights (fp32 where upcast), LoRA weights with their
-    gradients and two AdamW moments (fp32, 16 bytes a parameter), every layer's activations kept for the backward
-    (no checkpointing; the LoRA dropout's copies of each target's input too) and the micro-batch's fp32 logits,
-    log-softmax and gradient."""
+    """Peak bytes of one recover process on the pruned `arch`: base weights (fp32 where upcast), under bf16
+    autocast also the bf16 copy of every weight that autocast makes and the backward keeps (2 bytes a parameter),
+    LoRA weights with their gradients and two AdamW moments (fp32, 16 bytes a parameter), every layer's activations
+    kept for the backward (fp32 where the base is fp32: the residual stream, norms and the LoRA dropout's copies
+    of each target's input; with recovery.gradient_checkpointing each layer's input plus one layer) and the
+    fp32 logits, log-softmax and gradient of one cross-entropy chunk (hfprune.recovery_train.CE_CHUNK_BYTES)."""
+    from hfprune.recovery_train import CE_CHUNK_BYTES
+
     rcfg = cfg["recovery"]
-    b = 4 if cfg["device"] == "cpu" else DTYPE_BYTES[cfg["dtype"]]  # hfprune.recovery trains in fp32 on CPU
+    fp32 = fp32_base_weights(cfg)
+    b = 4 if fp32 else DTYPE_BYTES[cfg["dtype"]]  # hfprune.recovery trains in fp32 on CPU
+    autocast = fp32 and cfg["device"] != "cpu" and cfg["dtype"] == "bfloat16"
+    h, inter = arch.hidden_size, arch.intermediate_size
     n = rcfg["batch_size"] * rcfg["seq_len"]
     layer = layer_activation_bytes(arch, rcfg["batch_size"], rcfg["seq_len"], b)
-    if rcfg["lora"]["dropout"] > 0:
-        layer += n * (6 * arch.hidden_size + arch.intermediate_size) * b
-    return {"weights": total_params(arch) * (4 if fp32_base_weights(cfg) else b),
+    if autocast:  # the residual stream and norms stay fp32; the MLP's matmul outputs are bf16
+        layer -= n * 4 * inter * 2
+    if rcfg["lora"]["dropout"] > 0:  # dropout copies of the targets' inputs: hidden-wide fp32, down_proj's bf16
+        layer += n * (6 * h * b + inter * (2 if autocast else b))
+    kept = (arch.num_hidden_layers * n * h * b + layer if rcfg.get("gradient_checkpointing")
+            else arch.num_hidden_layers * layer)
+    chunk = min(n, max(1, CE_CHUNK_BYTES // (4 * arch.vocab_size)))
+    return {"weights": total_params(arch) * (4 if fp32 else b),
+            "autocast_copies": total_params(arch) * 2 if autocast else 0,
             "lora": lora_params(arch, rcfg["lora"]) * 16,
-            "activations": arch.num_hidden_layers * layer,
-            "logits": 3 * n * arch.vocab_size * 4}
+            "activations": kept,
+            "logits": 3 * chunk * arch.vocab_size * 4}
 
 
 def recovery_estimate(arch, cfg: dict) -> dict:

@@ -30,6 +30,11 @@ OPERATIONAL = ("evaluation.max_batch_tokens",)
 # what a score job reads of `calibration`: its seed is the job's `seed` wildcard, not the seeds list
 CALIBRATION = ("calibration.source", "calibration.sampling", "calibration.num_sequences", "calibration.seq_len",
                "calibration.batch_size")
+# what a recover job reads of `recovery`: not how it runs (hfprune.checkpoints.OPERATIONAL: strategy,
+# checkpoint_every, gradient_checkpointing, log_every), so changing that reruns nothing and a checkpoint stays valid
+RECOVERY = tuple(f"recovery.{k}" for k in ("data", "recipe", "max_steps", "epochs", "seq_len", "batch_size",
+                                            "grad_accum", "learning_rate", "schedule", "warmup_steps", "num_samples",
+                                            "rows_per_step", "lora"))
 # a variant names a folder and its config `configs/<name>.yaml`: 255 bytes per file name on common filesystems
 MAX_NAME_BYTES = 250
 OPTIONS = "criterion_options.{criterion}"  # a score job reads its own criterion's options only
@@ -37,7 +42,7 @@ OPTIONS = "criterion_options.{criterion}"  # a score job reads its own criterion
 READS = {
     "score": (*CALIBRATION, "scoring", "pruning.scope", OPTIONS, *COMPUTE),
     "plan": ("pruning",),
-    "recover": ("recovery", *COMPUTE),
+    "recover": (*RECOVERY, *COMPUTE),
     "evaluate": ("evaluation", *COMPUTE),
 }
 # the stages a job's output depends on, itself included

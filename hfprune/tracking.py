@@ -313,17 +313,20 @@ def job_params(cfg: dict, model: str, criterion: str | None, ratio: float | None
     }
     if criterion in cfg["criterion_options"]:
         params["criterion_options"] = cfg["criterion_options"][criterion]
-    if recovered:
-        params["recovery"] = cfg["recovery"]
+    if recovered:  # what the recovery computes, not how it ran (processes, checkpoints: a resume logs the same)
+        from hfprune.checkpoints import OPERATIONAL
+
+        params["recovery"] = {k: v for k, v in cfg["recovery"].items() if k not in OPERATIONAL}
     return params
 
 
 @contextlib.contextmanager
 def stage_run(cfg: dict, *, model: str, stage: str, criterion: str | None = None, ratio: float | None = None,
-              recovered: bool = False) -> Iterator[StageRun]:
+              recovered: bool = False, resume_run_id: str | None = None) -> Iterator[StageRun]:
     """Open the job's child run (RUNNING) under the model's parent run; close it FINISHED, or FAILED/KILLED
     if the block raises (the exception propagates). Model, criterion, ratio, calibration seed and the grid
-    variant are both params and tags, so the UI can filter on either."""
+    variant are both params and tags, so the UI can filter on either. `resume_run_id`: the run of an interrupted
+    job that resumes (a recover checkpoint's), reopened rather than a new one, where the store still has it."""
     variant = variant_name(cfg)
     if not cfg["tracking"]["enabled"]:
         yield StageRun()
@@ -344,7 +347,9 @@ def stage_run(cfg: dict, *, model: str, stage: str, criterion: str | None = None
         tags.update({HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
                      PID_START_TAG: str(_process_start(os.getpid()))})
         label = "" if variant == "default" else variant
-        child = store.call("create_run", exp_id, run_name=run_name(stage, criterion, ratio, recovered, seed, label),
+        child = _reopen(store, exp_id, resume_run_id) if resume_run_id else None
+        resumed = child is not None
+        child = child or store.call("create_run", exp_id, run_name=run_name(stage, criterion, ratio, recovered, seed, label),
                            tags=tags)
     except HFPruneError:
         raise  # an unreachable server: stop before any work rather than run a grid nobody can follow
@@ -357,7 +362,8 @@ def stage_run(cfg: dict, *, model: str, stage: str, criterion: str | None = None
     run = StageRun(store, child.info.run_id)
     status = "FAILED"
     try:
-        run.log_params(job_params(cfg, model, criterion, ratio, recovered))
+        if not resumed:
+            run.log_params(job_params(cfg, model, criterion, ratio, recovered))
         yield run
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -368,9 +374,22 @@ def stage_run(cfg: dict, *, model: str, stage: str, criterion: str | None = None
         store.finish_parent_if_idle(exp_id, parent_id)
 
 
+def _reopen(store: Store, exp_id: str, run_id: str):
+    """The run `run_id` of experiment `exp_id` set RUNNING again, or None if the store does not have it."""
+    try:
+        run = store.call("get_run", run_id)
+    except Exception:  # noqa: BLE001 - e.g. a store reset since the checkpoint: the job gets a new run
+        return None
+    if run.info.experiment_id != exp_id:
+        return None
+    store.call("update_run", run_id, status="RUNNING")
+    log.info("MLflow: continuing run %s", run_id)
+    return run
+
+
 @contextlib.contextmanager
 def cell_run(cfg: dict, model: str, stage: str, plan_path: str | os.PathLike | None = None,
-             recovered: bool = False) -> Iterator[StageRun]:
+             recovered: bool = False, resume_run_id: str | None = None) -> Iterator[StageRun]:
     """`stage_run` for a job on one cell: criterion and ratio come from its plan (none: the dense row), and
     the plan is logged. A missing or unreadable plan is left to the command to report (inside the run)."""
     plan = None
@@ -381,8 +400,9 @@ def cell_run(cfg: dict, model: str, stage: str, plan_path: str | os.PathLike | N
     ratio = plan.get("ratio") if plan else None
     if plan and plan.get("seed") is not None:  # the cell's calibration draw, for its params and tags
         cfg = {**cfg, "calibration": {**cfg["calibration"], "seed": plan["seed"]}}
-    with stage_run(cfg, model=model, stage=stage, criterion=criterion, ratio=ratio, recovered=recovered) as run:
-        if plan:
+    with stage_run(cfg, model=model, stage=stage, criterion=criterion, ratio=ratio, recovered=recovered,
+                   resume_run_id=resume_run_id) as run:
+        if plan and not resume_run_id:
             log_plan(run, plan, plan_path)
         yield run
 
@@ -449,7 +469,9 @@ def log_recovery(run: StageRun, summary: dict, out_dir: str | os.PathLike) -> No
     if not run.enabled:
         return
     run.log_series("recovery_loss", summary.get("loss_curve") or [])
-    run.log_metrics({"recovery_seconds": summary.get("seconds"), "recovery_steps": len(summary.get("loss_curve") or [])})
+    run.log_metrics({"recovery_seconds": summary.get("seconds"), "recovery_steps": len(summary.get("loss_curve") or []),
+                     **{f"recovery_peak_gpu_memory_gb_{i}": gb
+                        for i, gb in enumerate(summary.get("peak_gpu_memory_gb") or [])}})
     run.log_artifact(Path(out_dir) / "recovery.json", "recovery")
 
 

@@ -191,7 +191,7 @@ def test_wanda_sampling_stops_when_no_document_is_long_enough(tok):
 def test_lamini_from_its_hub_format_copy(tok):
     import pyarrow.parquet as pq
 
-    from hfprune.recovery import ALPACA_PROMPT, lamini_examples
+    from hfprune.recovery_data import ALPACA_PROMPT, lamini_examples
 
     examples, meta = lamini_examples(tok, seq_len=256, num_samples=12, seed=0, keep_prompt_only=True, hub_dir=HUB)
     assert meta["path"] == f"{HUB}/MBZUAI/LaMini-instruction" and meta["rows"] == 12 == len(examples)

@@ -218,3 +218,16 @@ def test_a_grid_counts_each_job_the_workflow_runs_once(tmp_path):
     topk = df[(df["stage"] == "score") & (df["what"] == "taylor_entropy_topk")].set_index("variant")["tokens"]
     assert len(topk) == 4 and topk["calibration.num_sequences-4_criterion_options.taylor_entropy_topk.k-8"] == \
         2 * topk["calibration.num_sequences-2_criterion_options.taylor_entropy_topk.k-8"]
+
+
+def test_recovery_memory_counts_autocast_copies_chunked_logits_and_checkpointing():
+    cfg, arch = _paper_llama2()
+    pruned = estimates.pruned_arch(arch, cfg, 0.2)
+    parts = estimates.recovery_memory(pruned, cfg)  # released recipe, bf16: fp32 base under bf16 autocast
+    assert parts["autocast_copies"] == 2 * estimates.total_params(pruned) and parts["weights"] == 4 * estimates.total_params(pruned)
+    # one cross-entropy chunk of fp32 logits (x3: logits, log-softmax, gradient), not the micro-batch's
+    rcfg = cfg["recovery"]
+    assert parts["logits"] < 3 * rcfg["batch_size"] * rcfg["seq_len"] * pruned.vocab_size * 4
+    checkpointed = estimates.recovery_memory(pruned, {**cfg, "recovery": {**rcfg, "gradient_checkpointing": True}})
+    assert checkpointed["activations"] < parts["activations"] / 4
+    assert estimates.recovery_memory(pruned, {**cfg, "dtype": "float32"})["autocast_copies"] == 0

@@ -20,23 +20,16 @@ from hfprune.evaluation.cell import run_evaluation
 from hfprune.models import ModelSpec, load_tokenizer
 from hfprune.recovery import (
     ADAPTER_DIR,
-    ALPACA_PROMPT,
-    IGNORE,
-    alpaca_examples,
-    apply_lora,
     check_settings,
-    collate,
     load_recovered,
     merge_lora,
     num_steps,
-    pack,
     run_recovery,
     save_recovered,
-    token_losses,
-    train_lora,
     training_precision,
-    training_rows,
 )
+from hfprune.recovery_data import ALPACA_PROMPT, IGNORE, alpaca_examples, collate, pack, training_rows
+from hfprune.recovery_train import apply_lora, token_losses, train_lora
 from hfprune.surgery import load_pruned, prune_model
 from hfprune.validation import validate_config
 
@@ -311,7 +304,7 @@ def test_loss_and_gradient_only_on_response_tokens():
     model.lm_head.register_forward_hook(keep)
     losses = token_losses(model, batch)
     losses.sum().backward()
-    grad = captured["logits"].grad[:, :-1].abs().sum(-1)  # position t predicts token t + 1
+    grad = captured["logits"].grad.abs().sum(-1)  # the head sees positions 0..T-2; position t predicts token t + 1
     labelled = batch["labels"][:, 1:] != IGNORE
     expected = torch.zeros_like(labelled)
     for r, row in enumerate(rows):  # the response of every example: its tokens 3.. (labels shift by one)
@@ -354,8 +347,8 @@ def test_rows_per_step_accounting():
     assert steps == 3
     model = tiny_model("llama")
     seen = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].clone()),
-                                    with_kwargs=True)
+    model.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].clone()),
+                                          with_kwargs=True)
     _, history = train_lora(model, rows, rcfg, steps=steps, seed=0, pad_id=0)
     assert len(history["loss_curve"]) == 3 and [len(b) for b in seen] == [2, 2, 1, 2, 2, 1]
     first_epoch, second_epoch = torch.cat(seen[:3]), torch.cat(seen[3:])

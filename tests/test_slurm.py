@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -154,3 +155,60 @@ def test_smoke_workflow_through_slurm_profile(slurm: SlurmCluster, tmp_path: Pat
     stages = Counter(r.data.tags.get("hfprune.stage") for r in runs if r.data.tags.get("hfprune.role") == "job")
     assert stages == {"score": n_crit, "evaluate": n_models + n_cells}, stages
     assert {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
+
+
+@pytest.mark.slow
+def test_recover_job_over_its_time_limit_is_retried_and_resumes(slurm: SlurmCluster, tmp_path: Path):
+    """A recover job that outlives its SLURM time limit: SLURM stops it (TIMEOUT; its SIGTERM reaches hfprune
+    through the job step), Snakemake resubmits it, it resumes from its checkpoint and finishes in the same MLflow
+    run. The limit is cut to 1 minute once the job has checkpointed (scontrol, as root), so the kill comes after a
+    checkpoint however fast this machine trains; the retry keeps the rule's 10 minutes."""
+    from mlflow import MlflowClient
+    from test_recovery import KEEPS, make_cfg, random_plan
+    from test_recovery_resume import tiny_local_model
+
+    cluster = slurm
+    steps = 120
+    cfg = make_cfg(str(tiny_local_model(tmp_path / "model")), seq_len=32, num_samples=8, batch_size=2,
+                   max_steps=steps, checkpoint_every=1, log_every=10,
+                   lora={"target_modules": ["q_proj", "down_proj"]})
+    cfg["results_dir"] = str(tmp_path / "results")
+    cfg["tracking"] = {"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "plan.json").write_text(json.dumps(random_plan(96, KEEPS)))
+    # every attempt appends to attempts.log (Snakemake empties a rule's `log:` when it reruns a job)
+    (tmp_path / "Snakefile").write_text(textwrap.dedent(f"""
+        rule recover:
+            output: directory("results/default/recovered/m")
+            retries: 2
+            resources: runtime=10, mem_mb=3000
+            shell: "{sys.executable} -m hfprune.cli recover --config cfg.yaml --model m --plan plan.json "
+                   "--out {{output}} >> attempts.log 2>&1"
+    """))
+    attempts = tmp_path / "attempts.log"
+    env = {**cluster.env, "PATH": f"{VENV_BIN}{os.pathsep}{cluster.env['PATH']}", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([str(VENV_BIN / "snakemake"), "--directory", str(tmp_path), *SLURM_ARGS, "--jobs", "1",
+                             "--default-resources", f"slurm_partition={cluster.partition}"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while not (attempts.exists() and "checkpoint at step 2/" in attempts.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, attempts.read_text()[-3000:]
+        time.sleep(0.5)
+    first = cluster.run("squeue", "-h", "-o", "%i").stdout.split()
+    assert len(first) == 1, first
+    cluster.run("scontrol", "update", f"JobId={first[0]}", "TimeLimit=1")
+    out, _ = proc.communicate(timeout=900)
+    log = attempts.read_text()
+    assert proc.returncode == 0, f"{out[-4000:]}\n{log[-3000:]}\n{cluster.logs()}"
+    states = [cluster.job_info(j)["JobState"] for j in SUBMITTED.findall(out)]
+    assert states == ["TIMEOUT", "COMPLETED"], states
+    assert "SIGTERM received" in log, log[-3000:]
+    resumed = re.search(r"resuming from step (\d+)", log)
+    assert resumed and int(resumed.group(1)) >= 2, log[-3000:]
+    recovered = tmp_path / "results" / "default" / "recovered" / "m"
+    info = json.loads((recovered / "recovery.json").read_text())
+    assert len(info["loss_curve"]) == steps and info["resumed_from_step"] == int(resumed.group(1))
+    assert not (tmp_path / "results" / "default" / "checkpoints").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("default").experiment_id])
+    assert [r.info.status for r in runs if r.data.tags.get("hfprune.stage") == "recover"] == ["FINISHED"]
