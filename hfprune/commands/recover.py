@@ -25,7 +25,7 @@ def run(args) -> int:
 
     cfg = load_job_config(args.config)
     check_job(cfg, args.model, "recover", source=args.config)
-    with tracking.cell_run(cfg, args.model, "recover", args.plan, recovered=True) as mlflow_run:
+    with tracking.cell_run(cfg, args.model, "recover", args.plan, recovered=True, output=args.out) as mlflow_run:
         summary = run_recovery(cfg, args.model, args.plan, args.out)
         tracking.log_recovery(mlflow_run, summary, args.out)
     losses = summary["loss_curve"]

@@ -23,7 +23,8 @@ def run(args) -> int:
 
     cfg = with_seed(load_job_config(args.config), args.model, args.seed)
     check_job(cfg, args.model, "score", [args.criterion], source=args.config)  # before any weight or MLflow run
-    with tracking.stage_run(cfg, model=args.model, stage="score", criterion=args.criterion) as mlflow_run:
+    with tracking.stage_run(cfg, model=args.model, stage="score", criterion=args.criterion,
+                            output=args.out) as mlflow_run:
         summary = run_scoring(cfg, args.model, args.criterion, args.out, ratio=args.ratio)
         tracking.log_scores(mlflow_run, args.out)
     print(f"{args.out}: {summary['tokens']} tokens, {summary['seconds']} s, peak {summary['peak_memory_mb']} MiB")
