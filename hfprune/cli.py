@@ -21,6 +21,8 @@ COMMANDS = {
     "report": "report",
     "compare": "compare",
     "estimate": "estimate",
+    "sync": "sync",
+    "ui": "ui",
 }
 
 

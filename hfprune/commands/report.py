@@ -1,10 +1,15 @@
 """Paper-format tables (markdown, CSV, LaTeX), plots and report.md of one experiment, from its metrics JSONs,
-plans and score sidecars; the paper's published rows sit beside ours where a model has a matching paper_name."""
+plans and score sidecars; the paper's published rows sit beside ours where a model has a matching paper_name.
+With tracking on, `hfprune sync` runs first (when the store is reachable), the report's header says whether
+every finished job has its MLflow run, and each model's parent run gets the report and its verdict tables."""
+
+import logging
 
 from hfprune.commands import add_config_argument
 from hfprune.config import load_config
 
 HELP = "tables, plots and report.md of an experiment (results/<experiment>/report/)"
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser):
@@ -13,7 +18,18 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from hfprune import sync
     from hfprune.report import write_report
 
-    print(write_report(load_config(args.config), args.out_dir))
+    cfg = load_config(args.config)
+    notes, reachable = sync.report_notes(cfg, args.config)
+    for line in notes[:1]:
+        log.warning("%s", line.strip("*"))
+    path = write_report(cfg, args.out_dir, notes=notes)
+    if reachable:
+        try:
+            sync.log_report(cfg, path.parent)
+        except Exception as exc:  # noqa: BLE001 - the report is written; a failing store costs its artifacts only
+            log.warning("MLflow: the report could not be logged to the parent runs (%s: %s)", type(exc).__name__, exc)
+    print(path)
     return 0
