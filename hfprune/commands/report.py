@@ -1,7 +1,8 @@
 """Paper-format tables (markdown, CSV, LaTeX), plots and report.md of one experiment, from its metrics JSONs,
 plans and score sidecars; the paper's published rows sit beside ours where a model has a matching paper_name.
-With tracking on, `hfprune sync` runs first (when the store is reachable), the report's header says whether
-every finished job has its MLflow run, and each model's parent run gets the report and its verdict tables."""
+With --tracking (the workflow's report job) and tracking on, `hfprune sync` runs first (when the store is
+reachable), the report's header says whether every finished job has its MLflow run, and each model's parent run
+gets the report and its verdict tables."""
 
 import logging
 
@@ -15,6 +16,8 @@ log = logging.getLogger(__name__)
 def add_arguments(parser):
     add_config_argument(parser)
     parser.add_argument("--out-dir", help="report folder, written atomically (default: <results>/<experiment>/report)")
+    parser.add_argument("--tracking", action="store_true", help="sync the MLflow store first, say in the header "
+                        "whether it is complete, and log the report to each model's parent run")
 
 
 def run(args) -> int:
@@ -22,7 +25,7 @@ def run(args) -> int:
     from hfprune.report import write_report
 
     cfg = load_config(args.config)
-    notes, reachable = sync.report_notes(cfg, args.config)
+    notes, reachable = sync.report_notes(cfg, args.config) if args.tracking else ([], False)
     for line in notes[:1]:
         log.warning("%s", line.strip("*"))
     path = write_report(cfg, args.out_dir, notes=notes)
