@@ -246,6 +246,8 @@ def close_stale_runs(cfg: dict) -> list[str]:
         pid = tags.get(PID_TAG, "")
         if pid.isdigit() and str(_process_start(int(pid))) == tags.get(PID_START_TAG):
             continue  # still working (a job of another Snakemake run here); without /proc: "None", kept
+        if OUTPUT_TAG in tags and (Path(cfg["results_dir"]) / cfg["experiment"] / tags[OUTPUT_TAG]).exists():
+            continue  # its job finished, its store failed mid-job (outputs are atomic): `sync` completes the run
         store.call("set_tag", run.info.run_id, "hfprune.closed", "process gone; closed by close_stale_runs")
         store.call("set_terminated", run.info.run_id, "KILLED")
         closed.append(run.info.run_id)

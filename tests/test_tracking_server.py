@@ -96,8 +96,8 @@ def test_smoke_grid_on_a_server_that_restarts_mid_job(mlflow_server, tmp_path, s
 
     # 2. with the server back, one more job: the end of Snakemake's output and `validate --tracking` name the
     # incomplete run; sync completes it
-    ended = _finish(_snakemake(tmp_path, config, str(exp / "scores/smollm2-135m/magnitude/s0.safetensors"),
-                                     env=env))
+    score = exp / "scores/smollm2-135m/magnitude/s0.safetensors"
+    ended = _finish(_snakemake(tmp_path, config, str(score), env=env))
     gap = "metrics/smollm2-135m/dense.json (RUNNING, incomplete)"
     assert "hfprune workflow: WARNING: " in ended and gap in ended, ended[-3000:]
     check = _hfprune("validate", run_config, "--tracking", env=env)
