@@ -24,7 +24,7 @@ def runs_url(base: str, experiment_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
-def _wait_until_up(proc: subprocess.Popen, base: str, timeout: float = 120) -> None:
+def _wait_until_up(proc: subprocess.Popen, base: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -56,7 +56,7 @@ def run(args) -> int:
         return 0
     base = f"http://127.0.0.1:{args.port}"
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                             "--host", "127.0.0.1", "--port", str(args.port)],
+                             "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"],
                             stdout=sys.stderr)  # stdout: the link only
     # a SIGTERM to this command stops the server it started too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -69,4 +69,7 @@ def run(args) -> int:
     finally:
         if proc.poll() is None:
             proc.terminate()
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
