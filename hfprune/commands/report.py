@@ -26,8 +26,8 @@ def run(args) -> int:
 
     cfg = load_config(args.config)
     notes, reachable = sync.report_notes(cfg, args.config) if args.tracking else ([], False)
-    for line in notes[:1]:
-        log.warning("%s", line.strip("*"))
+    for line in notes[:1]:  # bold: a gap or an unchecked store
+        log.log(logging.WARNING if line.startswith("**") else logging.INFO, "%s", line.replace("**", ""))
     path = write_report(cfg, args.out_dir, notes=notes)
     if reachable:
         try:
