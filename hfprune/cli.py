@@ -22,6 +22,8 @@ COMMANDS = {
     "report": "report",
     "compare": "compare",
     "estimate": "estimate",
+    "sync": "sync",
+    "ui": "ui",
 }
 
 

@@ -35,6 +35,9 @@ from hfprune.config import baseline_criterion, cell_seeds, score_ratios
 from hfprune.data import source_label
 from hfprune.errors import HFPruneError
 from hfprune.plan import format_ratio
+from hfprune.plots import plot_neurons_kept
+from hfprune.plots import pyplot as _pyplot
+from hfprune.plots import save as _save
 from hfprune.runtime import atomic_path, read_json
 from hfprune.stats import mean_interval
 
@@ -463,24 +466,6 @@ def write_table(df: pd.DataFrame, base: Path) -> dict[str, Path]:
 
 # ---- plots
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, out_png) -> Path:
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    _pyplot().close(fig)
-    return out_png
-
-
 def _errors(frame: pd.DataFrame, metric: str, band: str):
     """Error bar lengths: `ci` from <metric>_lo/_hi, `sd` from <metric>_sd; None where absent."""
     if band == "ci" and f"{metric}_lo" in frame.columns:
@@ -586,44 +571,6 @@ def plot_rank_stability(table: pd.DataFrame, out_png, title: str) -> Path:
     ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=30, ha="right")
     ax.set_yticks(range(grid.shape[0]), grid.index)
     ax.set_title(title)
-    return _save(fig, out_png)
-
-
-def plot_neurons_kept(plans: dict[str, dict], out_png, title: str) -> Path:
-    """MLP neurons kept per layer, a line per plan (label -> plan JSON), dense size dashed."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    dense_size = None
-    for label, plan in plans.items():
-        kept = [len(layer["mlp_keep"]) for layer in plan["layers"]]
-        ax.plot(range(len(kept)), kept, marker=".", label=label)
-        dense_size = plan.get("intermediate_size_dense") or dense_size
-    if dense_size:
-        ax.axhline(dense_size, color="grey", linestyle="--", linewidth=1, label="dense")
-    ax.set(xlabel="layer", ylabel="MLP neurons kept", title=title)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, out_png)
-
-
-def plot_layer_scores(scores: dict, out_png, title: str) -> Path:
-    """Distribution of MLP neuron scores per layer (median and 5-95 % band, log scale) from a score file."""
-    import torch
-
-    plt = _pyplot()
-    layers = sorted((int(k.split(".")[1]), v) for k, v in scores.items() if k.startswith("mlp."))
-    q = torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)
-    stats = torch.stack([torch.quantile(v.double().flatten(), q) for _, v in layers]).numpy()
-    x = [i for i, _ in layers]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    ax.fill_between(x, stats[:, 0], stats[:, 2], alpha=0.3, label="5-95 %")
-    ax.plot(x, stats[:, 1], marker=".", label="median")
-    if (stats > 0).all():
-        ax.set_yscale("log")
-    ax.set(xlabel="layer", ylabel="neuron score", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     return _save(fig, out_png)
 
 
@@ -830,9 +777,10 @@ def grid_summary(variants: dict[str, dict], cells: dict[str, pd.DataFrame]) -> p
     return out[keys + [c for c in SUMMARY[:2] + ppl + SUMMARY[2:] if c in out.columns]]
 
 
-def write_report(cfg: dict, out_dir: str | os.PathLike | None = None) -> Path:
+def write_report(cfg: dict, out_dir: str | os.PathLike | None = None, notes: list[str] = ()) -> Path:
     """Write the whole report folder atomically; returns the path of report.md. With grid axes: a summary of
-    every variant (a column per axis), then each variant's verdicts and tables, compared within the variant."""
+    every variant (a column per axis), then each variant's verdicts and tables, compared within the variant.
+    `notes` (markdown lines, e.g. the MLflow completeness check) follow the header."""
     variants = grid.variants(cfg)
     loaded = {name: load_runs(vcfg) for name, vcfg in variants.items()}
     if all(runs.empty for runs, _, _ in loaded.values()):
@@ -841,7 +789,7 @@ def write_report(cfg: dict, out_dir: str | os.PathLike | None = None) -> Path:
     out_dir = Path(out_dir) if out_dir is not None else experiment_dir(cfg) / "report"
     with atomic_path(out_dir) as root:
         root.mkdir()
-        lines, verdicts, sections, cells = _header(cfg), _verdict_intro(cfg), [], {}
+        lines, verdicts, sections, cells = _header(cfg) + list(notes), _verdict_intro(cfg), [], {}
         for name, vcfg in variants.items():
             runs, columns, missing = loaded[name]
             if missing:

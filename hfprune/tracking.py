@@ -18,7 +18,13 @@ first client runs) and is retried if SQLite still reports "database is locked" (
 A job killed outright (SIGKILL, OOM killer, a lost node) cannot close its run. Each job run is therefore tagged
 with its host, pid and the process's start time, and `close_stale_runs` (the workflow's `onstart`) marks the
 RUNNING runs whose process no longer exists on this host KILLED. A tracking server that cannot be reached
-fails the job at once, before any work, naming the URI (MLflow itself would retry for minutes).
+fails the job at once, before any work, naming the URI (MLflow itself would retry for minutes). A store that
+fails once the job has started costs the tracking only: the job warns, stops logging and finishes; its run
+stays RUNNING without the output digest, and `hfprune sync` (hfprune/sync.py) completes it from the files.
+
+Every job run is keyed by its output (tag `hfprune.output`, the path under the experiment folder) and, once
+the output is written, the output's content hash (`hfprune.output_sha256`): what `sync` and the completeness
+check match the results folder against.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ from hfprune.runtime import package_versions
 ROLE_TAG, MODEL_TAG, STAGE_TAG = "hfprune.role", "hfprune.model", "hfprune.stage"
 HOST_TAG, PID_TAG, PID_START_TAG = "hfprune.host", "hfprune.pid", "hfprune.pid_start"
 SEED_TAG, VARIANT_TAG = "hfprune.seed", "hfprune.variant"
+OUTPUT_TAG, DIGEST_TAG = "hfprune.output", "hfprune.output_sha256"
+# operational model-entry keys (docs/CONTRACTS.md): how a job runs, not what it is, so not on the parent run
+_NOT_TAGGED = ("name", "resources")
 # MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; this value opens the runs table
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 SQLITE_PREFIX = "sqlite:///"
@@ -93,6 +102,38 @@ def _flat(prefix: str, value) -> Iterator[tuple[str, object]]:
             yield from _flat(f"{prefix}.{key}" if prefix else str(key), sub)
     else:
         yield prefix, value
+
+
+def mlflow_values(mapping: dict, limit: int) -> dict[str, str]:
+    """The one rule for every param and tag value: nested dicts become dotted names, strings stay, anything
+    else (lists, numbers, None, bools) is JSON text, cut to MLflow's `limit` (SQLite rejects a list outright)."""
+    return {k: (v if isinstance(v, str) else json.dumps(v, default=str))[:limit] for k, v in _flat("", mapping)}
+
+
+def _tags(mapping: dict) -> dict[str, str]:
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    return mlflow_values(mapping, MAX_TAG_VAL_LENGTH)
+
+
+def output_key(cfg: dict, path: str | os.PathLike) -> str:
+    """A job's output as its run's key: the path under <results_dir>/<experiment>/ (absolute outside it)."""
+    exp = (Path(cfg["results_dir"]) / cfg["experiment"]).resolve()
+    path = Path(path).resolve()
+    return str(path.relative_to(exp)) if path.is_relative_to(exp) else str(path)
+
+
+def output_digest(path: str | os.PathLike) -> str:
+    """sha256 of a job's output file; of a recovered folder, its recovery.json (written last, holding the loss
+    curve and the time, so it differs per training run) rather than gigabytes of weights."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path / "recovery.json" if path.is_dir() else path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class Store:
@@ -151,7 +192,7 @@ class Store:
                 _retry(self.client.update_run, run_id, status="RUNNING")
                 return run_id
             run = _retry(self.client.create_run, experiment_id, run_name=model,
-                         tags={ROLE_TAG: "parent", MODEL_TAG: model, **tags})
+                         tags=_tags({ROLE_TAG: "parent", MODEL_TAG: model, **tags}))
             return run.info.run_id
 
     def finish_parent_if_idle(self, experiment_id: str, parent_id: str) -> None:
@@ -205,6 +246,8 @@ def close_stale_runs(cfg: dict) -> list[str]:
         pid = tags.get(PID_TAG, "")
         if pid.isdigit() and str(_process_start(int(pid))) == tags.get(PID_START_TAG):
             continue  # still working (a job of another Snakemake run here); without /proc: "None", kept
+        if OUTPUT_TAG in tags and (Path(cfg["results_dir"]) / cfg["experiment"] / tags[OUTPUT_TAG]).exists():
+            continue  # its job finished, its store failed mid-job (outputs are atomic): `sync` completes the run
         store.call("set_tag", run.info.run_id, "hfprune.closed", "process gone; closed by close_stale_runs")
         store.call("set_terminated", run.info.run_id, "KILLED")
         closed.append(run.info.run_id)
@@ -218,26 +261,44 @@ def close_stale_runs(cfg: dict) -> list[str]:
 
 
 class StageRun:
-    """One job's MLflow run; every method is a no-op when tracking is disabled (store None)."""
+    """One job's MLflow run; every method is a no-op when tracking is disabled (store None). In a job
+    (`lenient`), the first store error after the run started is a warning and ends the logging: the job
+    finishes, its run stays RUNNING without the output digest, and `hfprune sync` completes it."""
 
-    def __init__(self, store: Store | None = None, run_id: str | None = None):
-        self.store, self.run_id = store, run_id
+    def __init__(self, store: Store | None = None, run_id: str | None = None, lenient: bool = True,
+                 logged_params: frozenset = frozenset()):
+        self.store, self.run_id, self.lenient, self.logged_params = store, run_id, lenient, logged_params
+        self.error: Exception | None = None
 
     @property
     def enabled(self) -> bool:
-        return self.store is not None
+        return self.store is not None and self.error is None
+
+    def call(self, method: str, *args, **kwargs):
+        try:
+            return self.store.call(method, *args, **kwargs)
+        except Exception as exc:  # a server restart or a locked file must not cost the job
+            if not self.lenient:
+                raise
+            self.error = exc
+            log.warning("MLflow store %s failed during this job (%s: %s): the job goes on untracked and its run "
+                        "%s stays incomplete; `hfprune sync --config C` logs it from the results folder",
+                        self.store.uri, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
+                        self.run_id)
+            return None
 
     def log_params(self, params: dict) -> None:
-        """Nested dicts become dotted names; values are stringified (MLflow params are strings)."""
+        """Nested dicts become dotted names, other values JSON (`mlflow_values`). A run completed by `sync`
+        keeps the params its job logged (MLflow refuses to change one)."""
         if not self.enabled:
             return
         from mlflow.entities import Param
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
-        items = [Param(k, (v if isinstance(v, str) else json.dumps(v, default=str))[:MAX_PARAM_VAL_LENGTH])
-                 for k, v in _flat("", params)]
+        items = [Param(k, v) for k, v in mlflow_values(params, MAX_PARAM_VAL_LENGTH).items()
+                 if k not in self.logged_params]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            self.store.call("log_batch", self.run_id, params=items[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+            self.call("log_batch", self.run_id, params=items[i:i + MAX_PARAMS_TAGS_PER_BATCH])
 
     def log_metrics(self, metrics: dict, step: int = 0) -> None:
         """Numbers only (None, NaN and inf are left out); names must already be MLflow-safe."""
@@ -253,7 +314,7 @@ class StageRun:
         from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
         for i in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self.store.call("log_batch", self.run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
+            self.call("log_batch", self.run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
 
     def log_series(self, name: str, values: list[float]) -> None:
         """A metric's history, one step per value (e.g. the training loss per optimizer step)."""
@@ -268,11 +329,11 @@ class StageRun:
         if self.enabled:
             from mlflow.entities import RunTag
 
-            self.store.call("log_batch", self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            self.call("log_batch", self.run_id, tags=[RunTag(k, v) for k, v in _tags(tags).items()])
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.enabled and Path(path).exists():
-            self.store.call("log_artifact", self.run_id, str(path), artifact_path)
+            self.call("log_artifact", self.run_id, str(path), artifact_path)
 
 
 def run_name(stage: str, criterion: str | None, ratio: float | None, recovered: bool,
@@ -322,56 +383,79 @@ def job_params(cfg: dict, model: str, criterion: str | None, ratio: float | None
 
 @contextlib.contextmanager
 def stage_run(cfg: dict, *, model: str, stage: str, criterion: str | None = None, ratio: float | None = None,
-              recovered: bool = False, resume_run_id: str | None = None) -> Iterator[StageRun]:
+              recovered: bool = False, output: str | os.PathLike | None = None,
+              backfill: dict | None = None, resume_run_id: str | None = None) -> Iterator[StageRun]:
     """Open the job's child run (RUNNING) under the model's parent run; close it FINISHED, or FAILED/KILLED
     if the block raises (the exception propagates). Model, criterion, ratio, calibration seed and the grid
-    variant are both params and tags, so the UI can filter on either. `resume_run_id`: the run of an interrupted
-    job that resumes (a recover checkpoint's), reopened rather than a new one, where the store still has it."""
+    variant are both params and tags, so the UI can filter on either. `output` keys the run (OUTPUT_TAG at the
+    start, DIGEST_TAG once the block has written it). `backfill` ({"start", "end"} in ms, "resume": the run id
+    of an incomplete run or None) is `hfprune.sync` logging a finished job: store errors then propagate.
+    `resume_run_id`: the run of an interrupted job that resumes (a recover checkpoint's), reopened rather than a
+    new one, where the store still has it."""
     variant = variant_name(cfg)
     if not cfg["tracking"]["enabled"]:
         yield StageRun()
         return
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+    backfill = backfill or {}
     try:
         store = Store(tracking_uri(cfg))
         exp_id = store.experiment_id(cfg["experiment"])
-        entry = {f"hfprune.{k}": v for k, v in model_entry(cfg, model).items() if k != "name"}
+        entry = {f"hfprune.{k}": v for k, v in model_entry(cfg, model).items() if k not in _NOT_TAGGED}
         parent_id = store.parent_run(exp_id, model, entry)
-        tags = {MLFLOW_PARENT_RUN_ID: parent_id, MODEL_TAG: model, STAGE_TAG: stage, ROLE_TAG: "job",
-                "hfprune.criterion": criterion or "dense", "hfprune.recovered": str(recovered),
-                SEED_TAG: str(cfg["calibration"]["seed"]), VARIANT_TAG: variant}
-        if ratio is not None:
-            tags["hfprune.ratio"] = str(ratio)
-        seed = cfg["calibration"]["seed"] if criterion else None  # the dense row has no calibration draw
-        tags.update({HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
-                     PID_START_TAG: str(_process_start(os.getpid()))})
-        label = "" if variant == "default" else variant
-        child = _reopen(store, exp_id, resume_run_id) if resume_run_id else None
-        resumed = child is not None
-        child = child or store.call("create_run", exp_id, run_name=run_name(stage, criterion, ratio, recovered, seed, label),
-                           tags=tags)
+        child = None
+        if backfill.get("resume"):
+            child = store.call("get_run", backfill["resume"])
+        elif resume_run_id:
+            child = _reopen(store, exp_id, resume_run_id)
+        if child is None:
+            tags = {MLFLOW_PARENT_RUN_ID: parent_id, MODEL_TAG: model, STAGE_TAG: stage, ROLE_TAG: "job",
+                    "hfprune.criterion": criterion or "dense", "hfprune.recovered": str(recovered),
+                    SEED_TAG: str(cfg["calibration"]["seed"]), VARIANT_TAG: variant}
+            if ratio is not None:
+                tags["hfprune.ratio"] = str(ratio)
+            if output is not None:
+                tags[OUTPUT_TAG] = output_key(cfg, output)
+            if not backfill:
+                tags.update({HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
+                             PID_START_TAG: str(_process_start(os.getpid()))})
+            seed = cfg["calibration"]["seed"] if criterion else None  # the dense row has no calibration draw
+            label = "" if variant == "default" else variant
+            child = store.call("create_run", exp_id, run_name=run_name(stage, criterion, ratio, recovered, seed,
+                                                                       label),
+                               start_time=backfill.get("start"), tags=_tags(tags))
     except HFPruneError:
         raise  # an unreachable server: stop before any work rather than run a grid nobody can follow
-    except Exception as exc:  # noqa: BLE001 - the job's files are the results; a broken store must not cost them
+    except Exception as exc:  # the job's files are the results; a broken store must not cost them
+        if backfill:
+            raise
         log.warning("MLflow tracking unavailable (%s: %s); this job runs untracked", type(exc).__name__, exc)
         child = None
     if child is None:
         yield StageRun()
         return
-    run = StageRun(store, child.info.run_id)
+    run = StageRun(store, child.info.run_id, lenient=not backfill, logged_params=frozenset(child.data.params))
     status = "FAILED"
     try:
-        if not resumed:
-            run.log_params(job_params(cfg, model, criterion, ratio, recovered))
+        run.log_params(job_params(cfg, model, criterion, ratio, recovered))  # a reopened run's are skipped
         yield run
+        if output is not None:
+            run.set_tags({OUTPUT_TAG: output_key(cfg, output), DIGEST_TAG: output_digest(output)})
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        store.call("set_terminated", run.run_id, status)
-        store.finish_parent_if_idle(exp_id, parent_id)
+        if run.enabled:  # after a store error the run stays RUNNING: `sync` completes it
+            run.call("set_terminated", run.run_id, status, end_time=backfill.get("end"))
+        if run.enabled:
+            try:
+                store.finish_parent_if_idle(exp_id, parent_id)
+            except Exception as exc:  # as above
+                if backfill:
+                    raise
+                log.warning("MLflow store %s failed closing the parent run (%s)", store.uri, exc)
 
 
 def _reopen(store: Store, exp_id: str, run_id: str):
@@ -389,7 +473,8 @@ def _reopen(store: Store, exp_id: str, run_id: str):
 
 @contextlib.contextmanager
 def cell_run(cfg: dict, model: str, stage: str, plan_path: str | os.PathLike | None = None,
-             recovered: bool = False, resume_run_id: str | None = None) -> Iterator[StageRun]:
+             recovered: bool = False, output: str | os.PathLike | None = None,
+             backfill: dict | None = None, resume_run_id: str | None = None) -> Iterator[StageRun]:
     """`stage_run` for a job on one cell: criterion and ratio come from its plan (none: the dense row), and
     the plan is logged. A missing or unreadable plan is left to the command to report (inside the run)."""
     plan = None
@@ -401,7 +486,7 @@ def cell_run(cfg: dict, model: str, stage: str, plan_path: str | os.PathLike | N
     if plan and plan.get("seed") is not None:  # the cell's calibration draw, for its params and tags
         cfg = {**cfg, "calibration": {**cfg["calibration"], "seed": plan["seed"]}}
     with stage_run(cfg, model=model, stage=stage, criterion=criterion, ratio=ratio, recovered=recovered,
-                   resume_run_id=resume_run_id) as run:
+                   output=output, backfill=backfill, resume_run_id=resume_run_id) as run:
         if plan and not resume_run_id:
             log_plan(run, plan, plan_path)
         yield run
@@ -421,7 +506,7 @@ def log_plan(run: StageRun, plan: dict, plan_path: str | os.PathLike | None = No
                      "achieved_ratio": plan.get("achieved_ratio"), "neurons_kept": sum(kept)})
     if plan_path is not None:
         run.log_artifact(plan_path, "plan")
-    from hfprune.report import plot_neurons_kept
+    from hfprune.plots import plot_neurons_kept
 
     with _scratch() as tmp:
         png = plot_neurons_kept({f"{plan['criterion']} r{plan['ratio']}": plan}, tmp / "neurons_kept.png",
@@ -451,7 +536,7 @@ def log_scores(run: StageRun, scores_path: str | os.PathLike) -> None:
         return
     from safetensors.torch import load_file
 
-    from hfprune.report import plot_layer_scores
+    from hfprune.plots import plot_layer_scores
 
     sidecar = Path(scores_path).with_suffix(".json")
     meta = json.loads(sidecar.read_text())

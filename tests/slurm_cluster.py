@@ -115,7 +115,7 @@ def _slurm_conf(root: Path, node: str, cpus: int, memory_mb: int, gpus: int) -> 
         "ReturnToService=2",
         "SchedulerType=sched/backfill",
         "SchedulerParameters=sched_interval=1",
-        "MinJobAge=600",  # keep finished jobs visible to scontrol/squeue for the test's checks
+        "MinJobAge=3600",  # keep finished jobs visible to scontrol/squeue for the test's checks (a slow grid: 30 min)
         "SlurmdTimeout=30",
         "InactiveLimit=0",
         *(["GresTypes=gpu"] if gpus else []),

@@ -251,6 +251,17 @@ def test_unreachable_tracking_server_fails_fast_naming_the_uri(tmp_path, tiny_ll
     assert proc.returncode == 0  # tracking disabled in the config: the environment's URI is not contacted
 
 
+def test_sync_without_a_results_folder_or_a_server(tmp_path, tiny_llama_dir):
+    """`hfprune sync` on a config whose results folder does not exist, then to a server that does not answer."""
+    cfg = _config(tmp_path, tiny_llama_dir, tracking={"enabled": True, "uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    _fails(_hfprune("sync", "--config", cfg), f"results folder '{tmp_path / 'results' / 'bad'}' does not exist")
+    assert not (tmp_path / "mlflow.db").exists()
+    (tmp_path / "results" / "bad").mkdir(parents=True)
+    uri = "http://127.0.0.1:9"
+    _fails(_hfprune("sync", "--config", cfg, env={"MLFLOW_TRACKING_URI": uri}),
+           f"MLflow tracking server {uri} is unreachable")
+
+
 # ---- verdict inputs: the baseline, the seed axis, `hfprune compare`
 
 @pytest.mark.parametrize(("changes", "needle"), [

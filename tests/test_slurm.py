@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow_server import check_grid_runs, server_fixture  # noqa: F401  (provides the fixture `mlflow_server`)
 from slurm_cluster import SlurmCluster, slurm_fixture  # noqa: F401  (provides the fixture `slurm`)
 
 from hfprune.config import cell_seeds
@@ -99,20 +100,18 @@ def _smoke_ready() -> str | None:
 
 
 @pytest.mark.slow
-def test_smoke_workflow_through_slurm_profile(slurm: SlurmCluster, tmp_path: Path):
-    """The project's smoke grid, submitted with profiles/slurm: one SLURM job per Snakemake job, each
-    COMPLETED; all outputs there; every MLflow run FINISHED."""
+def test_smoke_workflow_through_slurm_profile(slurm: SlurmCluster, mlflow_server, tmp_path: Path):
+    """The project's smoke grid, submitted with profiles/slurm and tracked on a real MLflow server (HTTP): one
+    SLURM job per Snakemake job, each COMPLETED; all outputs there; every job's MLflow run FINISHED with its
+    metrics and artifacts; the completeness check says complete."""
     if reason := _smoke_ready():
         pytest.skip(reason)
-    from mlflow import MlflowClient
-
     cluster = slurm
     cfg = yaml.safe_load((REPO / "config/smoke.yaml").read_text())
     exp = tmp_path / "results" / cfg["experiment"]
-    db = tmp_path / "mlflow.db"
     cfg["results_dir"] = str(tmp_path / "results")
     cfg["resources_dir"] = str(REPO / cfg["resources_dir"])  # the embedded models, already materialised
-    cfg["tracking"] = {"enabled": True, "uri": f"sqlite:///{db}"}
+    cfg["tracking"] = {"enabled": True, "uri": mlflow_server.uri}
     # `auto` makes score/evaluate ask for a GPU (gpu=1 -> sbatch --gpus=1), which the node's GRES grants; on a
     # machine without CUDA the jobs still compute on the CPU
     cfg["device"] = "auto" if cluster.gpus else "cpu"
@@ -149,12 +148,11 @@ def test_smoke_workflow_through_slurm_profile(slurm: SlurmCluster, tmp_path: Pat
     # Snakemake's own marker in a directory output is expected; anything else hidden is an atomic_path leftover
     assert not [p for p in exp.rglob(".*") if p.name != ".snakemake_timestamp"], "atomic_path temp dirs left behind"
 
-    client = MlflowClient(f"sqlite:///{db}")
-    runs = client.search_runs([client.get_experiment_by_name(cfg["experiment"]).experiment_id],
-                              max_results=1000)
-    stages = Counter(r.data.tags.get("hfprune.stage") for r in runs if r.data.tags.get("hfprune.role") == "job")
+    runs = check_grid_runs(mlflow_server.uri, full)
+    stages = Counter(r.data.tags.get("hfprune.stage") for r in runs.values())
     assert stages == {"score": n_crit, "evaluate": n_models + n_cells}, stages
-    assert {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
+    assert f"MLflow store {mlflow_server.uri}: complete ({len(runs)} finished job(s)" in (
+        exp / "report" / "report.md").read_text()
 
 
 @pytest.mark.slow

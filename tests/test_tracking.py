@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -195,3 +196,56 @@ def test_experiment_opens_on_its_runs_table_and_runs_carry_the_filter_keys(store
         pass
     assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert client.get_run(run.run_id).data.tags["hfprune.ratio"] == "0.2"
+
+
+def test_lists_and_dicts_become_one_kind_of_text_in_tags_and_params(store_dir):
+    """A model entry's own `seeds` list (and any list or dict) reaches the parent run's tags as JSON text: the
+    SQLite store rejects a list outright ("type 'list' is not supported"), which left jobs untracked."""
+    cfg = _cfg(store_dir)
+    cfg["models"][0].update(seeds=[0, 3], paper_name="Llama-2-7B", resources={"gpus_per_job": 2})
+    with tracking.stage_run(cfg, model="tiny", stage="score", criterion="magnitude") as run:
+        assert run.enabled
+        run.set_tags({"hfprune.extra": {"a": [1, 2]}, "hfprune.flag": True})
+        run.log_params({"nested": {"list": [1, "x"], "none": None}})
+    client = _client(cfg)
+    child = client.get_run(run.run_id)
+    assert child.info.status == "FINISHED"
+    assert (child.data.tags["hfprune.extra.a"], child.data.tags["hfprune.flag"]) == ("[1, 2]", "true")
+    assert (child.data.params["nested.list"], child.data.params["nested.none"]) == ('[1, "x"]', "null")
+    parent = client.get_run(child.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["hfprune.seeds"] == "[0, 3]" and parent.data.tags["hfprune.paper_name"] == "Llama-2-7B"
+    assert not any(k.startswith("hfprune.resources") for k in parent.data.tags)  # operational: not identity
+
+
+def test_ui_prints_the_runs_table_link_and_its_server_answers(store_dir):
+    """`hfprune ui` starts `mlflow ui` on the config's SQLite store and prints the link to the experiment's runs
+    in the Model-training view; the server behind the link answers (REST) for that experiment."""
+    import signal
+    import urllib.request
+
+    from mlflow_server import free_port
+
+    cfg = _cfg(store_dir)
+    with tracking.stage_run(cfg, model="tiny", stage="score", criterion="magnitude") as run:
+        pass
+    exp_id = _client(cfg).get_experiment_by_name("trk").experiment_id
+    (store_dir / "c.yaml").write_text(json.dumps(cfg))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hfprune.cli", "ui", "--config", str(store_dir / "c.yaml"),
+                             "--port", str(port)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url == f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+        with urllib.request.urlopen(f"{api}/experiments/get?experiment_id={exp_id}", timeout=10) as res:
+            assert json.loads(res.read())["experiment"]["name"] == "trk"
+        with urllib.request.urlopen(f"{api}/runs/get?run_id={run.run_id}", timeout=10) as res:
+            assert json.loads(res.read())["run"]["info"]["status"] == "FINISHED"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the command stops the server it started
+        proc.wait(timeout=60)
+    # a config whose store has no such experiment: one line, nothing started
+    other = subprocess.run([sys.executable, "-m", "hfprune.cli", "ui", "--config", str(store_dir / "c.yaml")],
+                           capture_output=True, text=True, check=False,
+                           env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store_dir}/none.db"})
+    assert other.returncode == 2 and "does not exist yet" in other.stderr and "Traceback" not in other.stderr

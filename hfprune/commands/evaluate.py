@@ -25,7 +25,8 @@ def run(args) -> int:
     cfg = load_job_config(args.config)
     check_job(cfg, args.model, "evaluate", source=args.config)
     start = time.perf_counter()
-    with tracking.cell_run(cfg, args.model, "evaluate", args.plan, recovered=args.recovered is not None) as mlflow_run:
+    with tracking.cell_run(cfg, args.model, "evaluate", args.plan, recovered=args.recovered is not None,
+                           output=args.out) as mlflow_run:
         timing.add("tracking", time.perf_counter() - start)
         result = run_evaluation(cfg, args.model, plan_path=args.plan, recovered_dir=args.recovered, out_path=args.out)
         tracking.log_cell_metrics(mlflow_run, result, args.out)

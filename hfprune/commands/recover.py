@@ -64,7 +64,7 @@ def run(args) -> int:
         run_recovery(cfg, args.model, args.plan, args.out)
         return 0
     resume = resume_point(cfg, args.model, args.plan, args.out)[1] if os.path.isfile(args.plan) else None
-    with tracking.cell_run(cfg, args.model, "recover", args.plan, recovered=True,
+    with tracking.cell_run(cfg, args.model, "recover", args.plan, recovered=True, output=args.out,
                            resume_run_id=resume and resume.get("run_id")) as mlflow_run:
         summary = run_recovery(cfg, args.model, args.plan, args.out, run_id=mlflow_run.run_id,
                                progress=lambda step, metrics: mlflow_run.log_metrics(metrics, step=step))

@@ -27,7 +27,8 @@ def run(args) -> int:
     cfg = with_seed(load_job_config(args.config), args.model, args.seed)
     check_job(cfg, args.model, "score", [args.criterion], source=args.config)  # before any weight or MLflow run
     start = time.perf_counter()
-    with tracking.stage_run(cfg, model=args.model, stage="score", criterion=args.criterion) as mlflow_run:
+    with tracking.stage_run(cfg, model=args.model, stage="score", criterion=args.criterion,
+                            output=args.out) as mlflow_run:
         timing.add("tracking", time.perf_counter() - start)
         summary = run_scoring(cfg, args.model, args.criterion, args.out, ratio=args.ratio)
         tracking.log_scores(mlflow_run, args.out)

@@ -184,3 +184,25 @@ onstart:
     if config["grid"]:  # every point's config, where job_config finds it
         for name, cfg in POINTS.items():
             _write(config_file(name), cfg)
+
+
+def _tracking_check():
+    """The MLflow completeness check (hfprune/sync.py), in Snakemake's own output at the end of the run: any
+    finished job without its FINISHED run is named, whether the run succeeded or not."""
+    if not config["tracking"]["enabled"]:
+        return
+    from hfprune import sync
+
+    try:
+        complete, line = sync.summary(config, RUN_CONFIG)
+    except Exception as e:  # an unreachable server at the end must not hide the run's own outcome
+        complete, line = False, f"MLflow tracking not checked ({type(e).__name__}: {str(e).splitlines()[0]})"
+    print(f"hfprune workflow: {'' if complete else 'WARNING: '}{line}", file=sys.stderr)
+
+
+onsuccess:
+    _tracking_check()
+
+
+onerror:
+    _tracking_check()

@@ -27,4 +27,4 @@ rule report:
         mem_mb=4000,
         runtime=15,
     shell:
-        "{params.hfprune} report --config {params.config} --out-dir {output} > {log} 2>&1"
+        "{params.hfprune} report --config {params.config} --out-dir {output} --tracking > {log} 2>&1"
