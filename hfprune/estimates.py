@@ -315,8 +315,7 @@ def fp32_base_weights(cfg: dict) -> bool:
 
 def recovery_tokens(cfg: dict) -> tuple[int, int, int]:
     """(examples, tokens per example, tokens trained) of one recover job."""
-    from hfprune.recovery import num_steps
-    from hfprune.recovery_train import rows_per_step
+    from hfprune.recovery_steps import num_steps, rows_per_step
 
     rcfg = cfg["recovery"]
     seq = rcfg["seq_len"]
@@ -337,8 +336,8 @@ def recovery_memory(arch, cfg: dict) -> dict[str, int]:
     LoRA weights with their gradients and two AdamW moments (fp32, 16 bytes a parameter), every layer's activations
     kept for the backward (fp32 where the base is fp32: the residual stream, norms and the LoRA dropout's copies
     of each target's input; with recovery.gradient_checkpointing each layer's input plus one layer) and the
-    fp32 logits, log-softmax and gradient of one cross-entropy chunk (hfprune.recovery_train.CE_CHUNK_BYTES)."""
-    from hfprune.recovery_train import CE_CHUNK_BYTES
+    fp32 logits, log-softmax and gradient of one cross-entropy chunk (hfprune.recovery_steps.CE_CHUNK_BYTES)."""
+    from hfprune.recovery_steps import CE_CHUNK_BYTES
 
     rcfg = cfg["recovery"]
     fp32 = fp32_base_weights(cfg)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -40,13 +39,12 @@ from hfprune.data import hub_datasets_dir
 from hfprune.errors import ConfigError
 from hfprune.models import ModelSpec, ensure_available, load_model, resolve_dtype
 from hfprune.recovery_data import recovery_examples, training_rows
+from hfprune.recovery_steps import accumulation, check_settings, num_steps, rows_per_step
 from hfprune.recovery_train import (
     MAX_GRAD_NORM,
     WEIGHT_DECAY,
     Checkpointing,
-    accumulation,
     check_target_modules,
-    rows_per_step,
     train_lora,
 )
 from hfprune.runtime import atomic_path, package_versions, resolve_device, write_json
@@ -58,27 +56,6 @@ ADAPTER_DIR = "adapter"  # the unmerged PEFT adapter inside a recovered folder (
 
 
 # --- settings ------------------------------------------------------------------------------------------------
-def check_settings(rcfg: dict) -> None:
-    """Step settings that the schema cannot express (it rejects non-positive values of each field)."""
-    max_steps, epochs = rcfg.get("max_steps"), rcfg.get("epochs")
-    if max_steps is None and epochs is None:
-        raise ConfigError("recovery: set recovery.max_steps or recovery.epochs (both are null)")
-    if max_steps is not None and max_steps < 1:
-        raise ConfigError(f"recovery.max_steps must be a positive number of steps, got {max_steps}")
-    if max_steps is None and epochs <= 0:
-        raise ConfigError(f"recovery.epochs must be positive, got {epochs}")
-
-
-def num_steps(rcfg: dict, num_rows: int) -> int:
-    """Optimizer steps: `max_steps` if set, else `epochs` passes over the rows (rounded up), each step taking
-    `rows_per_step` rows in micro-batches of `batch_size`."""
-    check_settings(rcfg)
-    if rcfg.get("max_steps") is not None:
-        return rcfg["max_steps"]
-    micro_batches = math.ceil(num_rows / rcfg["batch_size"])
-    return max(1, math.ceil(rcfg["epochs"] * micro_batches / (rows_per_step(rcfg) // rcfg["batch_size"])))
-
-
 def training_precision(cfg: dict, device: torch.device) -> tuple[str, torch.dtype | None]:
     """(dtype the model is loaded in, autocast dtype or None) for training.
 

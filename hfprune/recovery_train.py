@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 from hfprune.errors import ConfigError, HFPruneError
 from hfprune.recovery_data import IGNORE, Row, attention_mask, collate, micro_batches
+from hfprune.recovery_steps import CE_CHUNK_BYTES, accumulation, rows_per_step
 from hfprune.runtime import seed_everything
 
 log = logging.getLogger(__name__)
@@ -30,22 +31,6 @@ SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_
 # Fixed optimiser details, as the HF Trainer defaults (recorded in recovery.json with the settings).
 WEIGHT_DECAY = 0.0
 MAX_GRAD_NORM = 1.0
-CE_CHUNK_BYTES = 2**28  # fp32 logits of one cross-entropy chunk (256 MiB): full-vocabulary logits never exist
-
-
-def rows_per_step(rcfg: dict) -> int:
-    return rcfg.get("rows_per_step") or rcfg["batch_size"] * rcfg["grad_accum"]
-
-
-def accumulation(rcfg: dict, processes: int) -> int:
-    """Micro-batches per process per step: rows_per_step / (processes x batch_size), which must divide."""
-    rows, bs = rows_per_step(rcfg), rcfg["batch_size"]
-    if rows % (processes * bs):
-        raise ConfigError(f"recovery.rows_per_step: {rows} rows per step do not split into {processes} processes x "
-                          f"batch_size {bs}; make it a multiple of {processes * bs}")
-    return rows // (processes * bs)
-
-
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct names (last path component) of the model's Linear modules, the possible LoRA targets."""
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})

@@ -20,7 +20,8 @@ from hfprune import checkpoints
 from hfprune.errors import ConfigError
 from hfprune.recovery import run_recovery
 from hfprune.recovery_data import collate, pack
-from hfprune.recovery_train import accumulation, token_losses
+from hfprune.recovery_steps import accumulation
+from hfprune.recovery_train import token_losses
 from hfprune.surgery import load_pruned
 
 REPO = Path(__file__).resolve().parents[1]

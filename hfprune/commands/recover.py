@@ -47,7 +47,7 @@ def run(args) -> int:
     from hfprune import tracking
     from hfprune.limits import check_job
     from hfprune.recovery import resume_point, run_recovery
-    from hfprune.recovery_train import accumulation
+    from hfprune.recovery_steps import accumulation
 
     cfg = load_job_config(args.config)
     check_job(cfg, args.model, "recover", source=args.config)
