@@ -261,6 +261,25 @@ def model_entry(cfg: dict, name: str) -> dict:
     raise ConfigError(f"model {name!r} is not in the config's models: {', '.join(m['name'] for m in cfg['models'])}")
 
 
+GPU_STAGES = ("score", "recover", "evaluate")
+
+
+def model_resources(cfg: dict, model: str) -> dict:
+    """The `resources` a model's jobs run with: the top-level section, with the keys of the model's own
+    `resources` replacing those (operational settings, out of every digest and MLflow identity)."""
+    return {**cfg["resources"], **(model_entry(cfg, model).get("resources") or {})}
+
+
+def gpus_per_job(cfg: dict, model: str, stage: str) -> int:
+    """GPUs one job of `stage` (score | recover | evaluate) on `model` holds; 0 with device cpu."""
+    if stage not in GPU_STAGES:
+        raise ConfigError(f"unknown stage {stage!r} for gpus_per_job; one of {', '.join(GPU_STAGES)}")
+    if cfg["device"] == "cpu":
+        return 0
+    gpus = model_resources(cfg, model)["gpus_per_job"]
+    return gpus.get(stage, 1) if isinstance(gpus, dict) else gpus
+
+
 def calibration_seeds(cfg: dict, model: str) -> list[int]:
     """The calibration draws of a model: its own `seeds`, else calibration.seeds, else [calibration.seed]."""
     cal = cfg["calibration"]

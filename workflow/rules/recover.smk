@@ -19,9 +19,9 @@ rule recover:
         settings=settings(*grid.READS["recover"]),
     threads: 4
     resources:
-        gpu=GPU,
+        gpu=gpus("recover"),
         mem_mb=32000,
         runtime=720,
     shell:
-        "{params.hfprune} recover --config {params.config} --model {wildcards.model} --plan {input.plan} "
+        GPU_JOB + " recover --config {params.config} --model {wildcards.model} --plan {input.plan} "
         "--out {output} > {log} 2>&1"
