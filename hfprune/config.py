@@ -84,6 +84,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
     if dupes:
         raise ConfigError(f"{source}: invalid config field 'models': duplicate model name(s) {', '.join(dupes)}")
     _fill_families(cfg)
+    _check_resources(cfg, source)
     _normalise_by_ratio(cfg, source)
     _check_text_sources(cfg, source)
     ev = cfg["evaluation"]
@@ -278,6 +279,24 @@ def gpus_per_job(cfg: dict, model: str, stage: str) -> int:
         return 0
     gpus = model_resources(cfg, model)["gpus_per_job"]
     return gpus.get(stage, 1) if isinstance(gpus, dict) else gpus
+
+
+# one device map per job: what the job splits over its GPUs; recover trains data-parallel (one copy per GPU)
+SPLIT_STAGES = ("score", "evaluate")
+
+
+def _check_resources(cfg: dict, source: str = "config") -> None:
+    """Several GPUs for a score or evaluate job are only used through a device map: without one, a job would
+    hold GPUs it never touches."""
+    if cfg["device_map"] is not None:
+        return
+    for entry in cfg["models"]:
+        for stage in SPLIT_STAGES:
+            n = gpus_per_job(cfg, entry["name"], stage)
+            if n > 1:
+                raise ConfigError(f"{source}: invalid config field 'resources.gpus_per_job': {stage} jobs of model "
+                                  f"{entry['name']!r} hold {n} GPUs but device_map is null, so they would use one; "
+                                  "set device_map: auto or gpus_per_job 1")
 
 
 def calibration_seeds(cfg: dict, model: str) -> list[int]:

@@ -192,6 +192,7 @@ def exec_with_slot(command: list[str], count: int = 1) -> None:
             for fd in fds:
                 os.set_inheritable(fd, True)
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(held)
+            os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA numbers as NVML, nvidia-smi and SLURM
             print(f"hfprune.gpu: running on GPU {','.join(held)} (of {','.join(devices)}, from {where})",
                   file=sys.stderr, flush=True)
     os.execvp(command[0], command)

@@ -22,7 +22,7 @@ from hfprune.errors import ConfigError
 # the grid's own axes and per-experiment settings (which jobs exist, their resources): not something a variant
 # can vary
 FIXED = ("experiment", "results_dir", "resources_dir", "models", "criteria", "ratios", "calibration.seed",
-         "calibration.seeds", "recovery.enabled", "device", "tracking", "report", "grid")
+         "calibration.seeds", "recovery.enabled", "device", "tracking", "report", "grid", "resources")
 COMPUTE = ("seed", "dtype", "device", "device_map")
 # what a score job reads of `calibration`: its seed is the job's `seed` wildcard, not the seeds list
 CALIBRATION = ("calibration.source", "calibration.sampling", "calibration.num_sequences", "calibration.seq_len",

@@ -504,6 +504,7 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     from hfprune.config import criterion_options, model_entry, per_ratio
     from hfprune.data import hub_datasets_dir, load_texts, sample_windows, text_source, texts_hash
     from hfprune.models import ModelSpec, load_model
+    from hfprune.resources import placement
     from hfprune.runtime import atomic_path, package_versions, resolve_device, seed_everything, write_json
 
     out_path = Path(out_path)
@@ -515,9 +516,10 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     spec = ModelSpec.from_config(model_entry(cfg, model_name))
     seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
-    model, tok = load_model(spec, cfg["resources_dir"], dtype=cfg["dtype"], device_map=cfg["device_map"])
+    placed = placement(cfg, model_name, device)  # `device: cpu` means CPU: no device map there
+    model, tok = load_model(spec, cfg["resources_dir"], dtype=cfg["dtype"], **placed)
     spec = spec.resolved(model.config)  # the family, where the config could not name it before the download
-    if cfg["device_map"] is None:
+    if placed["device_map"] is None:
         model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -333,7 +333,8 @@ def stage_run(cfg: dict, *, model: str, stage: str, criterion: str | None = None
     try:
         store = Store(tracking_uri(cfg))
         exp_id = store.experiment_id(cfg["experiment"])
-        entry = {f"hfprune.{k}": v for k, v in model_entry(cfg, model).items() if k != "name"}
+        # the model's identity: not how its jobs run (`resources`)
+        entry = {f"hfprune.{k}": v for k, v in model_entry(cfg, model).items() if k not in ("name", "resources")}
         parent_id = store.parent_run(exp_id, model, entry)
         tags = {MLFLOW_PARENT_RUN_ID: parent_id, MODEL_TAG: model, STAGE_TAG: stage, ROLE_TAG: "job",
                 "hfprune.criterion": criterion or "dense", "hfprune.recovered": str(recovered),

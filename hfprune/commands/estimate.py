@@ -52,4 +52,9 @@ def run(args) -> int:
     print(estimates.format_totals(estimates.stage_totals(df), args.markdown))
     for note in estimates.notes(cfg, df, args.tflops):
         print(f"note: {note}")
+    if cfg["device"] != "cpu":
+        from hfprune.resources import gpu_suggestions
+
+        for line in gpu_suggestions(cfg, df):
+            print(f"gpus: {line}")
     return 0
