@@ -175,7 +175,8 @@ def load_model(spec: ModelSpec, resources_dir="resources", dtype: str = "float32
     check_family(AutoConfig.from_pretrained(path), spec)  # before any weight is read
     placed = {"device_map": device_map, **({"max_memory": max_memory} if max_memory else {})}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **placed)
-    check_offload(model, spec.name, allow_offload)
+    if device_map is not None:
+        check_offload(model, spec.name, allow_offload)
     model.eval()
     return model, load_tokenizer(spec, resources_dir)
 

@@ -38,10 +38,11 @@ def placement(cfg: dict, model: str, device: torch.device) -> dict:
 
 
 def check_offload(model, name: str, allow_offload: bool = False) -> None:
-    """A model that accelerate placed (partly) on `cpu` or `disk` runs many times slower: stop, naming the knobs,
-    unless resources.allow_offload."""
-    device_map = getattr(model, "hf_device_map", None) or {}
-    offloaded = [m for m, d in device_map.items() if d in ("cpu", "disk")]
+    """A model loaded with a device map that accelerate placed (partly) on `cpu` or `disk` runs many times slower:
+    stop, naming the knobs, unless resources.allow_offload. (transformers sets `hf_device_map` only for a model
+    spread over several devices; one on a single device is where its weights are.)"""
+    device_map = getattr(model, "hf_device_map", None) or {"": next(model.parameters()).device.type}
+    offloaded = [m for m, d in device_map.items() if str(d) in ("cpu", "disk")]
     if offloaded and not allow_offload:
         raise HFPruneError(f"model {name!r}: accelerate offloaded {len(offloaded)} of {len(device_map)} modules to "
                            f"cpu/disk (e.g. {offloaded[0] or 'the whole model'!r}), which is many times slower; raise "
