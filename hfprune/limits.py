@@ -143,21 +143,24 @@ def _available_ram() -> int:
     return psutil.virtual_memory().available
 
 
-def memory_budget(cfg: dict, model: str | None = None, in_job: bool = False) -> tuple[int, str, str] | None:
-    """(bytes, what they are, device kind) a scoring job may use; None where it cannot be told here.
+def memory_budget(cfg: dict, model: str, in_job: bool = False) -> tuple[int, str, str] | None:
+    """(bytes, what they are, device kind) a scoring job of `model` may use; None where it cannot be told here.
 
     Outside a job (the Snakemake process, `hfprune validate`) CUDA is never touched: a GPU config is checked
     against resources.gpu_memory_gb x the score job's GPUs (one without a device map), or left to its jobs. A job
     measures the GPUs it holds (hfprune.resources.held_gpu_memory)."""
+    from hfprune.config import gpus_per_job, model_resources
+
     env = os.environ.get(MEMORY_BUDGET_ENV)
+    per_gpu = model_resources(cfg, model)["gpu_memory_gb"]
     device = cfg["device"]
     if device == "auto":
         if in_job:
             from hfprune.runtime import resolve_device
 
             device = resolve_device("auto").type
-        else:
-            device = "cpu" if cfg["resources"]["gpu_memory_gb"] is None and env else "cuda"
+        else:  # where the jobs will run is unknown here: GPUs if their memory is given, else the budget's machine
+            device = "cpu" if per_gpu is None and env else "cuda"
     if env:
         try:
             return int(float(env) * 2**20), MEMORY_BUDGET_ENV, device
@@ -171,14 +174,10 @@ def memory_budget(cfg: dict, model: str | None = None, in_job: bool = False) -> 
 
         free = held_gpu_memory(all_devices=split)
         return None if free is None else (free, "free memory of the job's GPUs", device)
-    from hfprune.config import gpus_per_job, model_resources
-
-    names = [model] if model is not None else [m["name"] for m in cfg["models"]]
-    per_gpu = min((model_resources(cfg, n)["gpu_memory_gb"] or 0 for n in names), default=0)
-    if not per_gpu:
+    if per_gpu is None:
         _note_once("no resources.gpu_memory_gb: the GPU memory check of scoring is left to each score job")
         return None
-    gpus = min(gpus_per_job(cfg, n, "score") for n in names) if split else 1
+    gpus = gpus_per_job(cfg, model, "score") if split else 1
     return int(per_gpu * GIB * gpus), f"resources.gpu_memory_gb x {gpus} GPU(s)", device
 
 

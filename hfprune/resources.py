@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 def _max_memory(value: dict | None) -> dict | None:
     """accelerate's max_memory with GPU indices as ints (YAML or JSON may give "0")."""
     if value is None:
@@ -49,23 +50,19 @@ def check_offload(model, name: str, allow_offload: bool = False) -> None:
                            "resources.gpus_per_job or resources.max_memory, or set resources.allow_offload: true")
 
 
-def default_threads() -> int:
-    """The cores this process may use (its CPU affinity: a SLURM or taskset allocation, not the machine)."""
-    return len(os.sched_getaffinity(0))
-
-
 def configure_threads(threads: int | None) -> tuple[int, int]:
-    """Set torch's intra- and inter-op pools to `threads` (None: the cores this process may use), before any
-    parallel work; returns what torch reports and logs it (the job's log shows it)."""
+    """Set torch's intra- and inter-op pools to `threads` (None: the cores this process may use, its CPU affinity:
+    a SLURM or taskset allocation, not the machine's count), before any parallel work; returns what torch reports
+    and logs it (the job's log shows it)."""
     import torch
 
-    n = default_threads() if threads is None else threads
+    n = len(os.sched_getaffinity(0)) if threads is None else threads
     if n < 1:
         raise ConfigError(f"--threads {n} must be >= 1")
     torch.set_num_threads(n)
     try:
         torch.set_num_interop_threads(n)
-    except RuntimeError:  # already set, or parallel work already ran: say what it is
+    except RuntimeError:  # parallel work already ran in this process: the log below says what it is
         pass
     counts = torch.get_num_threads(), torch.get_num_interop_threads()
     log.info("torch threads: intra-op %d, inter-op %d", *counts)
