@@ -76,6 +76,7 @@ def read_config(config: dict, source: str = "config", sch: dict | None = None) -
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"{source}: invalid config field 'models': duplicate model name(s) {', '.join(dupes)}")
+    _check_resources(cfg, source)
     _normalise_by_ratio(cfg, source)
     return cfg
 
@@ -99,6 +100,43 @@ def model_entry(cfg: dict, name: str) -> dict:
         if entry["name"] == name:
             return entry
     raise ConfigError(f"model {name!r} is not in the config's models: {', '.join(m['name'] for m in cfg['models'])}")
+
+
+GPU_STAGES = ("score", "recover", "evaluate")
+
+
+def model_resources(cfg: dict, model: str) -> dict:
+    """The `resources` a model's jobs run with: the top-level section, with the keys of the model's own
+    `resources` replacing those (operational settings, out of every digest and MLflow identity)."""
+    return {**cfg["resources"], **(model_entry(cfg, model).get("resources") or {})}
+
+
+def gpus_per_job(cfg: dict, model: str, stage: str) -> int:
+    """GPUs one job of `stage` (score | recover | evaluate) on `model` holds; 0 with device cpu."""
+    if stage not in GPU_STAGES:
+        raise ConfigError(f"unknown stage {stage!r} for gpus_per_job; one of {', '.join(GPU_STAGES)}")
+    if cfg["device"] == "cpu":
+        return 0
+    gpus = model_resources(cfg, model)["gpus_per_job"]
+    return gpus.get(stage, 1) if isinstance(gpus, dict) else gpus
+
+
+# one device map per job: what the job splits over its GPUs; recover trains data-parallel (one copy per GPU)
+SPLIT_STAGES = ("score", "evaluate")
+
+
+def _check_resources(cfg: dict, source: str = "config") -> None:
+    """Several GPUs for a score or evaluate job are only used through a device map: without one, a job would
+    hold GPUs it never touches."""
+    if cfg["device_map"] is not None:
+        return
+    for entry in cfg["models"]:
+        for stage in SPLIT_STAGES:
+            n = gpus_per_job(cfg, entry["name"], stage)
+            if n > 1:
+                raise ConfigError(f"{source}: invalid config field 'resources.gpus_per_job': {stage} jobs of model "
+                                  f"{entry['name']!r} hold {n} GPUs but device_map is null, so they would use one; "
+                                  "set device_map: auto or gpus_per_job 1")
 
 
 def calibration_seeds(cfg: dict, model: str) -> list[int]:
@@ -180,12 +218,3 @@ def criterion_options(cfg: dict, criterion: str, ratio=None) -> dict:
     if ratio is not None:
         opts.update(by.get(format_ratio(float(ratio)), {}))
     return opts
-
-
-def gpus_per_job(cfg: dict, model: str, stage: str) -> int:
-    """GPUs a job of `stage` ("score" | "recover" | "evaluate") on `model` uses: resources.gpus_per_job (an int
-    or {stage: int}; a model entry's `resources` overrides), default 1; 0 when the config's device is cpu."""
-    if cfg["device"] == "cpu":
-        return 0
-    per_job = {**(cfg.get("resources") or {}), **(model_entry(cfg, model).get("resources") or {})}.get("gpus_per_job", 1)
-    return per_job.get(stage, 1) if isinstance(per_job, dict) else per_job

@@ -265,9 +265,11 @@ def load_dataset(path: str, *args, **kwargs):
     that an offline load of the hub id can never take it for "the latest cached version" of the hub's."""
     import datasets
 
+    from hfprune.models import user_offline
+
     if Path(path).is_dir():
         kwargs.setdefault("cache_dir", str(Path(datasets.config.HF_DATASETS_CACHE) / "hfprune-local"))
-    else:  # a hub id (or a packaged builder such as json): allow the download the job was configured for
+    elif not user_offline():  # a hub id (or a builder such as json): allow the download the job was configured for
         for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
             os.environ[var] = "0"
     return datasets.load_dataset(path, *args, **kwargs)

@@ -23,7 +23,7 @@ from hfprune.errors import ConfigError
 # the grid's own axes and per-experiment settings (which jobs exist, their resources): not something a variant
 # can vary
 FIXED = ("experiment", "results_dir", "resources_dir", "models", "criteria", "ratios", "calibration.seed",
-         "calibration.seeds", "recovery.enabled", "device", "tracking", "report", "grid")
+         "calibration.seeds", "recovery.enabled", "device", "tracking", "report", "grid", "resources")
 COMPUTE = ("seed", "dtype", "device", "device_map", "attn_implementation")
 # settings under READS that say how a job runs, not what it computes: out of the jobs' settings digest
 OPERATIONAL = ("evaluation.max_batch_tokens",)

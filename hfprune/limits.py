@@ -25,16 +25,19 @@ intermediate size, L = layers, H = attention heads, T = seq_len, V = vocabulary)
 - the runtime: 1 GiB on CPU (Python, torch, tokenizer, text), 0.5 GiB on CUDA (allocator slack).
 
 The budget: HFPRUNE_MEMORY_BUDGET_MB if set (tests, or to overrule the guard), else MemAvailable of
-/proc/meminfo (psutil elsewhere) on CPU, or free memory of the visible CUDA devices (torch.cuda.mem_get_info;
-all of them with a device_map). A CUDA config checked on a machine without CUDA is left to its score job.
+/proc/meminfo (psutil elsewhere) on CPU; on GPU, outside a job resources.gpu_memory_gb (the Snakemake process
+never initialises CUDA: it would hold memory on GPU 0 for the whole run, and on a SLURM login node it sees no
+GPU), inside a score job the free memory of the GPUs it holds (all of them with a device_map).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 from hfprune.errors import ConfigError
 
+log = logging.getLogger(__name__)
 MEMORY_BUDGET_ENV = "HFPRUNE_MEMORY_BUDGET_MB"
 STAGES = ("score", "evaluate", "recover")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -140,14 +143,24 @@ def _available_ram() -> int:
     return psutil.virtual_memory().available
 
 
-def memory_budget(cfg: dict) -> tuple[int, str, str] | None:
-    """(bytes, what they are, device kind) a scoring job may use here; None where this machine cannot tell."""
+def memory_budget(cfg: dict, model: str, in_job: bool = False) -> tuple[int, str, str] | None:
+    """(bytes, what they are, device kind) a scoring job of `model` may use; None where it cannot be told here.
+
+    Outside a job (the Snakemake process, `hfprune validate`) CUDA is never touched: a GPU config is checked
+    against resources.gpu_memory_gb x the score job's GPUs (one without a device map), or left to its jobs. A job
+    measures the GPUs it holds (hfprune.resources.held_gpu_memory)."""
+    from hfprune.config import gpus_per_job, model_resources
+
     env = os.environ.get(MEMORY_BUDGET_ENV)
+    per_gpu = model_resources(cfg, model)["gpu_memory_gb"]
     device = cfg["device"]
     if device == "auto":
-        import torch
+        if in_job:
+            from hfprune.runtime import resolve_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = resolve_device("auto").type
+        else:  # where the jobs will run is unknown here: GPUs if their memory is given, else the budget's machine
+            device = "cpu" if per_gpu is None and env else "cuda"
     if env:
         try:
             return int(float(env) * 2**20), MEMORY_BUDGET_ENV, device
@@ -155,16 +168,31 @@ def memory_budget(cfg: dict) -> tuple[int, str, str] | None:
             raise ConfigError(f"{MEMORY_BUDGET_ENV}={env!r} is not a number of MiB") from None
     if device == "cpu":
         return _available_ram(), "available RAM", device
-    import torch
+    split = cfg["device_map"] is not None
+    if in_job:
+        from hfprune.resources import held_gpu_memory
 
-    if not torch.cuda.is_available():
+        free = held_gpu_memory(all_devices=split)
+        return None if free is None else (free, "free memory of the job's GPUs", device)
+    if per_gpu is None:
+        _note_once("no resources.gpu_memory_gb: the GPU memory check of scoring is left to each score job")
         return None
-    devices = range(torch.cuda.device_count()) if cfg["device_map"] is not None else [torch.cuda.current_device()]
-    return sum(torch.cuda.mem_get_info(d)[0] for d in devices), "free GPU memory", device
+    gpus = gpus_per_job(cfg, model, "score") if split else 1
+    return int(per_gpu * GIB * gpus), f"resources.gpu_memory_gb x {gpus} GPU(s)", device
 
 
-def check_scoring_memory(cfg: dict, name: str, arch, criteria=None, source: str = "config") -> None:
-    budget = memory_budget(cfg)
+_NOTED: set[str] = set()
+
+
+def _note_once(note: str) -> None:
+    if note not in _NOTED:
+        _NOTED.add(note)
+        log.warning(note)
+
+
+def check_scoring_memory(cfg: dict, name: str, arch, criteria=None, source: str = "config",
+                         in_job: bool = False) -> None:
+    budget = memory_budget(cfg, name, in_job)
     if budget is None:
         return
     limit, what, device = budget
@@ -186,11 +214,12 @@ def check_scoring_memory(cfg: dict, name: str, arch, criteria=None, source: str 
                       + "".join(f", or {k}" for k in other))
 
 
-def check_model_limits(cfg: dict, name: str, arch, stages=STAGES, criteria=None, source: str = "config") -> None:
+def check_model_limits(cfg: dict, name: str, arch, stages=STAGES, criteria=None, source: str = "config",
+                       in_job: bool = False) -> None:
     """Sequence lengths against the model's positions, and (for scoring) memory against the device's."""
     check_sequence_lengths(cfg, name, arch, stages, criteria, source)
     if "score" in stages:
-        check_scoring_memory(cfg, name, arch, criteria, source)
+        check_scoring_memory(cfg, name, arch, criteria, source, in_job)
 
 
 def job_architecture(cfg: dict, model_name: str):
@@ -210,5 +239,10 @@ def job_architecture(cfg: dict, model_name: str):
 
 
 def check_job(cfg: dict, model_name: str, stage: str, criteria=None, source: str = "config") -> None:
-    """`check_model_limits` for one job, before it loads any weight (a hub model's config.json is fetched)."""
-    check_model_limits(cfg, model_name, job_architecture(cfg, model_name), (stage,), criteria, source)
+    """`check_model_limits` for one job, before it loads any weight (a hub model's config.json is fetched; offline,
+    one that was never fetched stops the job here)."""
+    from hfprune.config import model_entry
+    from hfprune.models import ModelSpec, check_cached
+
+    check_cached(ModelSpec.from_config(model_entry(cfg, model_name)), source)
+    check_model_limits(cfg, model_name, job_architecture(cfg, model_name), (stage,), criteria, source, in_job=True)

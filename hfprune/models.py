@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from hfprune.adapters import adapter_class
 from hfprune.assets import EMBEDDED_MODELS, materialise
 from hfprune.errors import HFPruneError, UnsupportedModelError
+from hfprune.resources import check_offload
 from hfprune.runtime import read_json, reading
 
 if TYPE_CHECKING:  # torch loads with the model: config facts (plan jobs, validation) need none
@@ -112,6 +113,26 @@ def checkpoint_family(spec: ModelSpec, resources_dir: str | os.PathLike = "resou
         return None
 
 
+def user_offline() -> bool:
+    """Whether the user set HF_HUB_OFFLINE (not hfprune's own default, see hfprune/__init__.py): then nothing is
+    downloaded, hub sources included."""
+    return (os.environ.get("HFPRUNE_OFFLINE_DEFAULT") != "1"
+            and os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"))
+
+
+def check_cached(spec: ModelSpec, config_path: str = "CONFIG") -> None:
+    """Offline (HF_HUB_OFFLINE=1 of the user's), a hub model must be in the cache: say so at once, with the
+    command that fetches it, instead of failing deep inside transformers."""
+    if spec.kind != "hub" or not user_offline():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(spec.source, "config.json"), str):
+        raise HFPruneError(f"model {spec.name!r}: hub model {spec.source!r} is not in the cache ({constants.HF_HUB_CACHE}) "
+                           f"and HF_HUB_OFFLINE=1; run `hfprune prefetch --config {config_path}` on a machine with "
+                           "network (same HF_HOME)")
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise HFPruneError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
@@ -139,21 +160,26 @@ def load_tokenizer(spec: ModelSpec, resources_dir="resources"):
 
 
 def load_model(spec: ModelSpec, resources_dir="resources", dtype: str = "float32", device_map=None,
-               attn_implementation: str = "sdpa"):
-    """Load (model, tokenizer) in eval mode; `device_map` is passed to accelerate for multi-GPU placement.
-    The attention kernel is pinned (config `attn_implementation`), never left to transformers' own choice."""
+               attn_implementation: str = "sdpa", max_memory: dict | None = None, allow_offload: bool = False):
+    """Load (model, tokenizer) in eval mode; `device_map` and `max_memory` are passed to accelerate for multi-GPU
+    placement (hfprune.resources.placement), and a model it offloads to cpu/disk stops the job unless
+    `allow_offload`. The attention kernel is pinned (config `attn_implementation`), never left to transformers'
+    own choice."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if spec.family is not None:
         adapter_class(spec.family)  # unknown family -> clear error before any I/O
-    if spec.kind == "hub":
+    if spec.kind == "hub" and not user_offline():
         for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
             os.environ[var] = "0"
     path = ensure_available(spec, resources_dir)
     check_family(AutoConfig.from_pretrained(path), spec)  # before any weight is read
     check_weight_files(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), device_map=device_map,
-                                                 attn_implementation=attn_implementation)
+    placed = {"device_map": device_map, **({"max_memory": max_memory} if max_memory else {})}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
+                                                 **placed)
+    if device_map is not None:
+        check_offload(model, spec.name, allow_offload)
     model.eval()
     return model, load_tokenizer(spec, resources_dir)
 

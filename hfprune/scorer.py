@@ -513,6 +513,7 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     from hfprune.config import criterion_options, model_entry, per_ratio
     from hfprune.data import hub_datasets_dir, load_texts, sample_windows, text_source, texts_hash
     from hfprune.models import ModelSpec, load_model
+    from hfprune.resources import placement
     from hfprune.runtime import (
         atomic_path,
         deterministic_algorithms,
@@ -535,10 +536,11 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
     loading = time.perf_counter()
-    model, tok = load_model(spec, cfg["resources_dir"], dtype=cfg["dtype"], device_map=cfg["device_map"],
-                            attn_implementation=cfg["attn_implementation"])
+    placed = placement(cfg, model_name, device)  # `device: cpu` means CPU: no device map there
+    model, tok = load_model(spec, cfg["resources_dir"], dtype=cfg["dtype"],
+                            attn_implementation=cfg["attn_implementation"], **placed)
     spec = spec.resolved(model.config)  # the family, where the config could not name it before the download
-    if cfg["device_map"] is None:
+    if placed["device_map"] is None:
         model.to(device)
     devices = model_devices(model)
     reset_peak_memory(devices)

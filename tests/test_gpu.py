@@ -25,15 +25,17 @@ with open(sys.argv[1], "w") as f:
 
 
 def _env(lock_dir, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", gpu.ENV_NUM_GPUS)}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CUDA_VISIBLE_DEVICES", gpu.ENV_NUM_GPUS, gpu.ENV_JOB_GPUS, "SLURM_JOB_ID", *gpu.SLURM_GPU_VARS)}
     env[gpu.ENV_LOCK_DIR] = str(lock_dir)
     env.update(extra)
     return env
 
 
-def _launch(tmp_path, name: str, seconds: float, env: dict) -> tuple[subprocess.Popen, object]:
+def _launch(tmp_path, name: str, seconds: float, env: dict, gpus: int | None = None) -> tuple[subprocess.Popen, object]:
     out = tmp_path / f"{name}.json"
-    cmd = [sys.executable, "-m", "hfprune.gpu", "--", sys.executable, "-c", JOB, str(out), str(seconds)]
+    count = [] if gpus is None else ["--gpus", str(gpus)]
+    cmd = [sys.executable, "-m", "hfprune.gpu", *count, "--", sys.executable, "-c", JOB, str(out), str(seconds)]
     return subprocess.Popen(cmd, env=env), out
 
 
@@ -52,6 +54,44 @@ def test_concurrent_jobs_get_distinct_devices_and_wait_for_a_free_one(tmp_path):
     first = {d: min(r["start"] for r in runs if r["device"] == d) for d in ("0", "1")}
     ends = {d: min(r["end"] for r in runs if r["device"] == d) for d in ("0", "1")}
     assert max(first.values()) < min(ends.values())
+
+
+def test_two_gpu_jobs_get_disjoint_pairs_and_a_third_waits(tmp_path):
+    env = _env(tmp_path / "locks", **{gpu.ENV_NUM_GPUS: "4", gpu.ENV_JOB_GPUS: "2"})
+    jobs = [_launch(tmp_path, f"pair{i}", 1.5, env) for i in range(3)]  # the count from the rule's environment
+    for proc, _ in jobs:
+        assert proc.wait(timeout=60) == 0
+    runs = [json.loads(out.read_text()) for _, out in jobs]
+    pairs = [set(r["device"].split(",")) for r in runs]
+    assert all(len(p) == 2 for p in pairs), pairs
+    for a, b in itertools.combinations(range(3), 2):  # overlapping in time -> disjoint devices
+        if runs[a]["start"] < runs[b]["end"] and runs[b]["start"] < runs[a]["end"]:
+            assert not pairs[a] & pairs[b], (runs[a], runs[b])
+    first, second = sorted(runs, key=lambda r: r["start"])[:2]
+    assert second["start"] < first["end"]  # two pairs of the four devices ran at once ...
+    assert max(r["start"] for r in runs) >= min(r["end"] for r in runs) - 0.2  # ... and the third waited for one
+
+
+def test_a_job_needing_more_gpus_than_visible_fails_in_one_line(tmp_path):
+    env = _env(tmp_path / "locks", **{gpu.ENV_NUM_GPUS: "2"})
+    cmd = [sys.executable, "-m", "hfprune.gpu", "--gpus", "3", "--", sys.executable, "-c", "pass"]
+    res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "needs 3 GPUs (resources.gpus_per_job)" in res.stderr
+
+
+def test_slurm_job_takes_the_granted_gpus_or_refuses_to_guess(tmp_path):
+    env = _env(tmp_path / "locks", SLURM_JOB_ID="77", SLURM_STEP_GPUS="2,3", **{gpu.ENV_JOB_GPUS: "2"})
+    proc, out = _launch(tmp_path, "granted", 0.0, env)
+    assert proc.wait(timeout=60) == 0
+    assert json.loads(out.read_text())["device"] == "2,3"
+    # nothing tells (no variable, no scontrol to ask): one line, no guess, the command never runs
+    env = _env(tmp_path / "locks", SLURM_JOB_ID="77", PATH=str(tmp_path))
+    cmd = [sys.executable, "-m", "hfprune.gpu", "--", sys.executable, "-c", JOB, str(tmp_path / "no.json"), "0"]
+    res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "SLURM job 77: cannot tell which GPUs it was granted" in res.stderr and "refusing to guess" in res.stderr
+    assert not (tmp_path / "no.json").exists()
 
 
 def test_slots_map_onto_cuda_visible_devices(tmp_path):
@@ -88,18 +128,20 @@ def test_a_killed_job_frees_its_slot(tmp_path):
         gpu.acquire(["0"], lock_dir, timeout=0.5)
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=30)
-    device, fd = gpu.acquire(["0"], lock_dir, timeout=5)
-    os.close(fd)
-    assert device == "0"
+    devices, fds = gpu.acquire(["0"], lock_dir, timeout=5)
+    os.close(fds[0])
+    assert devices == ["0"]
 
 
 def test_gpu_slot_context_sets_and_restores_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     with gpu.gpu_slot(lock_dir=tmp_path) as first:
-        assert first == "2" and os.environ["CUDA_VISIBLE_DEVICES"] == "2"
+        assert first == ["2"] and os.environ["CUDA_VISIBLE_DEVICES"] == "2"
         with gpu.gpu_slot(["2", "3"], lock_dir=tmp_path) as second:
-            assert second == "3"  # the first slot is held (flock is per open file, so this holds in-process)
+            assert second == ["3"]  # the first slot is held (flock is per open file, so this holds in-process)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
+    with gpu.gpu_slot(lock_dir=tmp_path, count=2) as both:
+        assert both == ["2", "3"] and os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with gpu.gpu_slot(lock_dir=tmp_path / "none") as none:
-        assert none is None
+        assert none == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -63,3 +64,37 @@ def test_reference_tables_ship_as_package_data():
     patterns = project["tool"]["setuptools"]["package-data"]["hfprune"]
     assert "reference/*.csv" in patterns
     assert sorted(p.name for p in (ROOT / "hfprune" / "reference").glob("*.csv"))
+
+
+def _torch_source(tmp_path, mode: str | None, driver: bool) -> subprocess.CompletedProcess:
+    """install.sh's choice of torch (--print-torch-source installs nothing), with or without an nvidia-smi on PATH."""
+    import os
+
+    bin_dir = tmp_path / ("gpu" if driver else "cpu")
+    bin_dir.mkdir(exist_ok=True)
+    if driver:
+        (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+    path = ":".join([str(bin_dir)] + [p for p in os.environ["PATH"].split(":")
+                                     if not (Path(p) / "nvidia-smi").exists()])
+    env = {**os.environ, "PATH": path, **({"HFPRUNE_TORCH": mode} if mode is not None else {})}
+    return subprocess.run(["bash", str(ROOT / "scripts/install.sh"), "--print-torch-source"], env=env,
+                          capture_output=True, text=True, check=False)
+
+
+@pytest.mark.parametrize("mode, driver, expected", [
+    (None, False, "(cpu)"),  # auto on a login node without a driver: the CPU build
+    ("auto", True, "(pypi): PyPI"),
+    ("cpu", True, "(cpu)"),
+    ("cu126", False, "(cu126): --index-url https://download.pytorch.org/whl/cu126"),
+])
+def test_install_picks_the_torch_build(tmp_path, mode, driver, expected):
+    pin = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_pin = next(d for d in pin if d.startswith("torch=="))
+    proc = _torch_source(tmp_path, mode, driver)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"{torch_pin} {expected}"), proc.stdout + proc.stderr
+
+
+def test_install_rejects_an_unknown_torch_build_in_one_line(tmp_path):
+    proc = _torch_source(tmp_path, "cuda12", False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "HFPRUNE_TORCH=cuda12 is not one of" in proc.stderr

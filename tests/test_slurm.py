@@ -136,6 +136,19 @@ def test_smoke_workflow_through_slurm_profile(slurm: SlurmCluster, mlflow_server
     for job_id, rule in jobs.items():
         gpu_request = cluster.job_info(job_id).get("TresPerJob")
         assert gpu_request == ("gres:gpu:1" if cluster.gpus and rule in heavy else None), (rule, gpu_request)
+    if cluster.gpus:
+        # each GPU job's log names the device SLURM granted it: the jobstep plugin strips SLURM_* and the node's
+        # placeholder GRES sets no CUDA_VISIBLE_DEVICES, so hfprune.gpu asked scontrol for the job's IDX
+        granted = re.compile(r"hfprune\.gpu: running on GPU (\d+) \(of \1, from SLURM grant, "
+                             r"scontrol -d show job (\d+) \(IDX\)\)")
+        seen = {}
+        for log in (exp / "logs").rglob("*.log"):
+            stage = log.relative_to(exp / "logs").parts[0]
+            if stage in ("score", "evaluate"):
+                device, job_id = granted.search(log.read_text()).groups()
+                assert jobs[job_id].startswith(stage) and int(device) < cluster.gpus, (log, jobs.get(job_id))
+                seen[job_id] = device
+        assert len(seen) == n_crit + n_models + n_cells, seen
 
     assert (exp / "report" / "report.md").is_file()
     metrics = sorted((exp / "metrics").rglob("*.json"))

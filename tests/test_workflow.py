@@ -136,13 +136,26 @@ def test_calibration_seeds_are_an_axis(tmp_path):
     assert "scores/second/random/s5.safetensors" in out and "scores/smollm2-135m/magnitude/s1" not in out
 
 
-def test_gpu_jobs_ask_for_a_gpu_and_run_under_a_slot(tmp_path):
-    out = _snakemake(tmp_path, "-n", "-p", "--configfile", str(ROOT / "config/paper.yaml")).stdout
-    blocks = out.split("\nrule ")
-    score = next(b for b in blocks if b.startswith("score:"))
-    assert re.search(r"resources: .*gpu=1", score) and "-m hfprune.gpu -- " in score
+def test_gpu_jobs_ask_for_their_gpus_and_run_under_slots(tmp_path):
+    # resources.gpus_per_job: the rules of each stage ask for that many, and the slot wrapper is told
+    cfg = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
+    cfg["resources"], cfg["device_map"] = {"gpus_per_job": {"score": 2, "recover": 3, "evaluate": 2}}, "auto"
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfg))
+    two = ["--configfile", str(tmp_path / "two.yaml")]
+    blocks = _snakemake(tmp_path, "-n", "-p", *two).stdout.split("\nrule ")
+    for rule, n in (("score", 2), ("score_by_ratio", 2), ("recover", 3), ("evaluate_dense", 2), ("evaluate_pruned", 2),
+                    ("evaluate_recovered", 2)):
+        block = next(b for b in blocks if b.startswith(f"{rule}:"))
+        assert re.search(rf"resources: .*gpu={n}\b", block), block
+        assert f"HFPRUNE_JOB_GPUS={n} " in block and "-m hfprune.gpu -- " in block, block
     plan = next(b for b in blocks if b.startswith("plan:"))
     assert "gpu=" not in plan and "hfprune.gpu" not in plan
+    # a job that needs more GPUs than the run may use could never start: one line, naming the field
+    proc = _snakemake(tmp_path, "-n", "--resources", "gpu=2", *two, check=False)
+    assert proc.returncode != 0
+    assert ("invalid config field 'resources.gpus_per_job': recover jobs of model 'llama-2-7b' need 3 GPUs, more "
+            "than --resources gpu=2") in proc.stdout + proc.stderr
+    no_snakefile_traceback(proc.stdout + proc.stderr)
     # the CPU grid asks for no GPU at all
     out = _snakemake(tmp_path, "-n", "-p", "--configfile", str(ROOT / "config/smoke.yaml")).stdout
     assert "gpu=1" not in out and "hfprune.gpu" not in out
@@ -184,10 +197,17 @@ def test_invalid_config_stops_before_any_job(tmp_path, case):
 def test_smoke_workflow_end_to_end(tmp_path, smollm2_dir):
     smoke = ROOT / "config/smoke.yaml"
     cfg = yaml.safe_load(smoke.read_text())
-    run = ["--cores", "2", "--configfile", str(smoke), "--workflow-profile", str(ROOT / "profiles/local"),
-           "--config", f"resources_dir={Path(smollm2_dir).resolve().parent.parent}"]
+    # score jobs get 1 thread (below torch's defaults of this machine's cores), evaluate jobs their rule's 2
+    run = ["--cores", "2", "--set-threads", "score=1", "--configfile", str(smoke), "--workflow-profile",
+           str(ROOT / "profiles/local"), "--config", f"resources_dir={Path(smollm2_dir).resolve().parent.parent}"]
     _snakemake(tmp_path, *run)
     exp = tmp_path / "results" / cfg["experiment"]
+    # each job's torch pools (intra- and inter-op) are its rule's threads, as the job's torch reports them
+    for log in (exp / "logs").rglob("*.log"):
+        stage = log.relative_to(exp / "logs").parts[0]
+        if stage in ("score", "evaluate"):
+            n = 1 if stage == "score" else 2
+            assert f"torch threads: intra-op {n}, inter-op {n}" in log.read_text(), log
     report_dir = exp / "report"
 
     # tables: dense + every criterion at the ratio, with the task columns, perplexity, fidelity and size
@@ -246,7 +266,7 @@ def test_smoke_workflow_end_to_end(tmp_path, smollm2_dir):
 
     # Snakemake's self-contained HTML report: the workflow description, report.md, every table and plot
     html = exp / "report.html"
-    _snakemake(tmp_path, "--report", str(html), *run[2:])
+    _snakemake(tmp_path, "--report", str(html), *run[4:])
     page = html.read_text()
     assert html.stat().st_size > 100_000 and "smollm2-135m.forest.png" in page and "Verdicts" in page
     assert "smollm2-135m.verdict.r0.2.csv" in page and "structured MLP-neuron pruning" in page
@@ -254,10 +274,17 @@ def test_smoke_workflow_end_to_end(tmp_path, smollm2_dir):
     # nothing changed: a second run does no work
     again = _snakemake(tmp_path, *run)
     assert "Nothing to be done" in again.stdout + again.stderr
+    # how jobs run (resources.*, top level and a model's own) is no setting of theirs: still nothing to do
+    moved = dict(cfg, resources={"gpus_per_job": 2, "gpu_memory_gb": 80, "max_memory": {0: "70GiB"},
+                                 "allow_offload": True},
+                 models=[dict(m, resources={"gpus_per_job": {"score": 3}}) for m in cfg["models"]])
+    (tmp_path / "moved.yaml").write_text(yaml.safe_dump(moved))
+    dry = _snakemake(tmp_path, "-n", *run[:4], "--configfile", str(tmp_path / "moved.yaml"), "--config", run[-1])
+    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
     # an evaluation setting changed: only the evaluations and the report rerun (scores and plans are kept)
     edited = dict(cfg, evaluation={**cfg["evaluation"], "limit": 2})
     (tmp_path / "edited.yaml").write_text(yaml.safe_dump(edited))
-    dry = _snakemake(tmp_path, "-n", "--quiet", "rules", *run[:2], "--configfile", str(tmp_path / "edited.yaml"),
+    dry = _snakemake(tmp_path, "-n", "--quiet", "rules", *run[:4], "--configfile", str(tmp_path / "edited.yaml"),
                      "--config", run[-1])
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", dry.stdout, re.MULTILINE))
     assert jobs == {"evaluate_dense": "1", "evaluate_pruned": "3", "report": "1", "all": "1", "total": "6"}

@@ -65,6 +65,11 @@ def run(args) -> int:
     print(job_estimates.format_totals(job_estimates.stage_totals(df), args.markdown))
     for note in job_estimates.notes(cfg, df, rate):
         print(f"note: {note}")
+    if cfg["device"] != "cpu":
+        from hfprune.resources import gpu_suggestions
+
+        for line in gpu_suggestions(cfg, df):
+            print(f"gpus: {line}")
     return 0
 
 

@@ -30,6 +30,7 @@ from hfprune.evaluation.records import (
 )
 from hfprune.evaluation.runner import evaluate_tasks, select_tasks
 from hfprune.models import ModelSpec, ensure_available, load_model, resolve_dtype
+from hfprune.resources import placement
 from hfprune.runtime import (
     package_versions,
     quiet_lm_eval_git,
@@ -97,10 +98,11 @@ def run_evaluation(cfg: dict, model_name: str, plan_path=None, recovered_dir=Non
     device = resolve_device(cfg["device"])
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    dense, tokenizer = load_model(spec, cfg["resources_dir"], cfg["dtype"], cfg["device_map"],
-                                  cfg["attn_implementation"])
+    placed = placement(cfg, model_name, device)  # `device: cpu` means CPU: no device map there
+    dense, tokenizer = load_model(spec, cfg["resources_dir"], cfg["dtype"], attn_implementation=cfg["attn_implementation"],
+                                  **placed)
     spec = spec.resolved(dense.config)  # the family, where the config could not name it before the download
-    if cfg["device_map"] is None:
+    if placed["device_map"] is None:
         dense.to(device)
     if recovered_dir is not None:
         model = load_pruned(recovered_dir, dtype=resolve_dtype(cfg["dtype"]),

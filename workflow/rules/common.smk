@@ -12,8 +12,9 @@ from snakemake.settings.types import DeploymentMethod
 
 from hfprune import grid, layout
 from hfprune.assets import ASSET_MARKER, EMBEDDED_MODELS
-from hfprune.config import cell_seeds, format_ratio, per_ratio, score_ratios
+from hfprune.config import GPU_STAGES, cell_seeds, format_ratio, gpus_per_job, per_ratio, score_ratios
 from hfprune.data import content_digest
+from hfprune.errors import ConfigError
 from hfprune.evaluation.records import records_path
 from hfprune.models import ModelSpec, embedded_dir
 from hfprune.runtime import atomic_path
@@ -34,8 +35,9 @@ CRITERIA = config["criteria"]
 RATIOS = [format_ratio(r) for r in config["ratios"]]  # the `ratio` wildcard: "0.2" in .../r0.2.json
 RECOVERY = config["recovery"]["enabled"]
 
-# GPU jobs ask for one device (`--resources gpu=N` caps how many run at once) and take a free one through a
-# lock-file slot (hfprune.gpu sets CUDA_VISIBLE_DEVICES); a CPU config needs neither.
+# GPU jobs ask for `resources.gpus_per_job` devices (`--resources gpu=N` caps how many are in use at once; under
+# SLURM it becomes --gpus=N) and lock that many free ones through lock-file slots (hfprune.gpu sets
+# CUDA_VISIBLE_DEVICES); a CPU config needs neither.
 GPU = 0 if config["device"] == "cpu" else 1
 # Every rule names the conda environment matching the config's device (used with `--sdm conda`, paths are
 # relative to this folder); jobs then run that environment's python. Without conda, jobs run the hfprune of
@@ -45,6 +47,32 @@ CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
 PY = "python" if CONDA else shlex.quote(sys.executable)
 HFPRUNE = f"{PY} -m hfprune.cli"
 HFPRUNE_GPU = HFPRUNE if GPU == 0 else f"{PY} -m hfprune.gpu -- {HFPRUNE}"
+# how a GPU rule's shell starts: the slot wrapper takes the job's GPU count from its `gpu` resource and torch its
+# thread pools from the rule's threads (both shell template fields, so changing them reruns nothing)
+GPU_JOB = "HFPRUNE_JOB_GPUS={resources.gpu} {params.hfprune} --threads {threads}"
+
+
+def gpus(stage):
+    """A rule's `gpu` resource: resources.gpus_per_job of its model and stage (0 on CPU)."""
+    return lambda wildcards: gpus_per_job(config, wildcards.model, stage)
+
+
+def check_gpu_budget():
+    """A job that needs more GPUs than `--resources gpu=N` allows could never start: stop here, naming the field."""
+    budget = workflow.global_resources.get("gpu")
+    budget = getattr(budget, "value", budget)
+    if budget is None or GPU == 0:
+        return
+    for model in MODELS:
+        for stage in GPU_STAGES:
+            need = gpus_per_job(config, model, stage)
+            if need > budget:
+                stop_workflow(ConfigError(
+                    f"{_source}: invalid config field 'resources.gpus_per_job': {stage} jobs of model {model!r} "
+                    f"need {need} GPUs, more than --resources gpu={budget}; lower it or raise --resources gpu"))
+
+
+check_gpu_budget()
 
 
 def _alternatives(names):
@@ -105,8 +133,9 @@ def settings(*keys):
         cfg = point(wildcards)
         used = {key: grid.digest_value(key, _lookup(cfg, key)) for key in keys if key != grid.OPTIONS}
         names = wildcards.keys()
-        # a model's seed list is an axis (the `seed` wildcard), not a setting of its jobs
-        used["model"] = {k: v for k, v in MODELS[wildcards.model].items() if k != "seeds"} if "model" in names else None
+        # a model's seed list is an axis (the `seed` wildcard), its resources how its jobs run: neither is a setting
+        used["model"] = ({k: v for k, v in MODELS[wildcards.model].items() if k not in ("seeds", "resources")}
+                         if "model" in names else None)
         crit = wildcards.criterion if "criterion" in names else None
         used["options"] = cfg["criterion_options"].get(crit)
         texts = content_digest(used)  # the content of the config's own text files, not only their paths

@@ -21,11 +21,11 @@ rule evaluate_dense:
         settings=EVAL_SETTINGS,
     threads: 4
     resources:
-        gpu=GPU,
+        gpu=gpus("evaluate"),
         mem_mb=16000,
         runtime=240,
     shell:
-        "{params.hfprune} evaluate --config {params.config} --model {wildcards.model} "
+        GPU_JOB + " evaluate --config {params.config} --model {wildcards.model} "
         "--out {output.metrics} > {log} 2>&1"
 
 
@@ -47,11 +47,11 @@ rule evaluate_pruned:
         settings=EVAL_SETTINGS,
     threads: 4
     resources:
-        gpu=GPU,
+        gpu=gpus("evaluate"),
         mem_mb=16000,
         runtime=240,
     shell:
-        "{params.hfprune} evaluate --config {params.config} --model {wildcards.model} --plan {input.plan} "
+        GPU_JOB + " evaluate --config {params.config} --model {wildcards.model} --plan {input.plan} "
         "--out {output.metrics} > {log} 2>&1"
 
 
@@ -74,9 +74,9 @@ rule evaluate_recovered:
         settings=EVAL_SETTINGS,
     threads: 4
     resources:
-        gpu=GPU,
+        gpu=gpus("evaluate"),
         mem_mb=16000,
         runtime=240,
     shell:
-        "{params.hfprune} evaluate --config {params.config} --model {wildcards.model} --plan {input.plan} "
+        GPU_JOB + " evaluate --config {params.config} --model {wildcards.model} --plan {input.plan} "
         "--recovered {input.recovered} --out {output.metrics} > {log} 2>&1"

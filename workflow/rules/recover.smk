@@ -30,9 +30,9 @@ rule recover:
     retries: 3
     threads: lambda wildcards: 4 * recover_processes(wildcards)
     resources:
-        gpu=GPU,
+        gpu=gpus("recover"),
         mem_mb=lambda wildcards: 32000 * recover_processes(wildcards),
         runtime=720,
     shell:
-        "{params.hfprune} recover --config {params.config} --model {wildcards.model} --plan {input.plan} "
+        GPU_JOB + " recover --config {params.config} --model {wildcards.model} --plan {input.plan} "
         "--out {output} > {log} 2>&1"

@@ -23,11 +23,11 @@ rule score:
         settings=settings(*grid.READS["score"]),
     threads: 4
     resources:
-        gpu=GPU,
+        gpu=gpus("score"),
         mem_mb=16000,
         runtime=120,
     shell:
-        "{params.hfprune} score --config {params.config} --model {wildcards.model} "
+        GPU_JOB + " score --config {params.config} --model {wildcards.model} "
         "--criterion {wildcards.criterion} --seed {wildcards.seed} --out {output.scores} > {log} 2>&1"
 
 
@@ -50,10 +50,10 @@ rule score_by_ratio:
         settings=settings(*grid.READS["score"]),
     threads: 4
     resources:
-        gpu=GPU,
+        gpu=gpus("score"),
         mem_mb=16000,
         runtime=120,
     shell:
-        "{params.hfprune} score --config {params.config} --model {wildcards.model} "
+        GPU_JOB + " score --config {params.config} --model {wildcards.model} "
         "--criterion {wildcards.criterion} --seed {wildcards.seed} --ratio {wildcards.ratio} "
         "--out {output.scores} > {log} 2>&1"
