@@ -56,7 +56,7 @@ def _tasks(cfg: dict) -> list[Need]:
 
 def hub_needs(cfg: dict) -> list[Need]:
     """Every hub model, hub text and hub task of every grid variant of `cfg` (each once)."""
-    from hfprune.config import _text_fields
+    from hfprune.validation import text_fields
     from hfprune.data import hub_datasets_dir, hub_path, is_local, text_source
     from hfprune.grid import variants
     from hfprune.models import ModelSpec
@@ -69,7 +69,7 @@ def hub_needs(cfg: dict) -> list[Need]:
             spec = ModelSpec.from_config(entry)
             if spec.kind == "hub":
                 needs.setdefault(("model", spec.source), Need("model", spec.source, spec.source))
-        for _field, value, role in _text_fields(variant):
+        for _field, value, role in text_fields(variant):
             source = text_source(value, role, hub_dir)
             if not is_local(source):  # c4 for calibration and for evaluation are two shards
                 needs.setdefault(("dataset", source), Need("dataset", f"{source.label} ({role})", source))

@@ -131,7 +131,7 @@ def _check_text_sources(cfg: dict, source: str) -> None:
     if hub_dir is not None and not Path(hub_dir).is_dir():
         raise ConfigError(f"{source}: invalid config field 'hub_datasets_dir': {hub_dir!r} is not a folder")
     labels: dict[str, str] = {}
-    for field, value, role in _text_fields(cfg):
+    for field, value, role in text_fields(cfg):
         try:
             label = text_source(value, role, hub_dir).label
             if not isinstance(value, str):
@@ -145,7 +145,7 @@ def _check_text_sources(cfg: dict, source: str) -> None:
             labels[label] = field
 
 
-def _text_fields(cfg: dict) -> list[tuple[str, object, str]]:
+def text_fields(cfg: dict) -> list[tuple[str, object, str]]:
     """(config field, text source value, role) of every text a grid reads."""
     ev = cfg["evaluation"]
     fields = [("calibration.source", cfg["calibration"]["source"], "calibration")]
@@ -158,7 +158,7 @@ def _check_text_lengths(cfg: dict, spec, source: str) -> None:
     """Your own texts (mappings) cut into the windows asked for with the tokenizer of a model whose folder is here
     (an embedded model already materialised, a local folder): a text too short fails before any job. Hub texts and
     hub models are checked by their jobs."""
-    own = [(f, v, r) for f, v, r in _text_fields(cfg) if not isinstance(v, str)]
+    own = [(f, v, r) for f, v, r in text_fields(cfg) if not isinstance(v, str)]
     path = model_dir(spec, cfg["resources_dir"]) if spec.kind != "hub" else None
     if not own or path is None or not (Path(path) / "tokenizer_config.json").is_file():
         return

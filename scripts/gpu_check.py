@@ -146,9 +146,9 @@ def backend(rep: Report, args, device: str, dtype: str) -> None:
 
 
 def recovery(rep: Report, args, device: str) -> None:
-    from hfprune.config import validate_config
     from hfprune.data import load_texts, text_source
     from hfprune.recovery import collate, pack, token_losses, train_lora, training_precision
+    from hfprune.validation import validate_config
 
     model, tok = _model(args)
     cfg = validate_config({"models": [{"name": "m", "source": "smollm2-135m"}], "criteria": ["magnitude"],

@@ -122,8 +122,8 @@ def test_cpu_efficiency_records_eager_decode_only_and_static_generation_runs():
 
 
 def test_operational_settings_stay_out_of_the_digest():
-    from hfprune.config import validate_config
     from hfprune.grid import digest_value
+    from hfprune.validation import validate_config
 
     base = {"models": [{"name": "m", "source": "smollm2-135m"}], "criteria": ["magnitude"], "ratios": [0.2]}
     a = validate_config(base)

@@ -14,10 +14,11 @@ import pytest
 import torch
 import yaml
 
-from hfprune.config import gpus_per_job, model_resources, validate_config
+from hfprune.config import gpus_per_job, model_resources
 from hfprune.errors import ConfigError, HFPruneError
 from hfprune.models import ModelSpec, load_model
 from hfprune.resources import placement, suggest_gpus
+from hfprune.validation import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

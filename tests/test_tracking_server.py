@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow_server import MlflowServer, check_grid_runs, server_fixture  # noqa: F401  (the fixture `mlflow_server`)
 
-from hfprune.config import validate_config
+from hfprune.validation import validate_config
 
 pytestmark = [pytest.mark.workflow]
 

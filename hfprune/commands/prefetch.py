@@ -2,7 +2,7 @@
 into the cache its jobs use (HF_HOME); then run the grid with HF_HUB_OFFLINE=1 (docs/SLURM.md)."""
 
 from hfprune.commands import add_config_argument
-from hfprune.config import load_config
+from hfprune.validation import load_config
 
 HELP = "download every hub model, dataset and task file a grid reads (run on a login node, then go offline)"
 

@@ -2,7 +2,7 @@
 failed mid-job), from the results folder; a second run adds nothing (hfprune/sync.py)."""
 
 from hfprune.commands import add_config_argument
-from hfprune.config import load_config
+from hfprune.validation import load_config
 
 HELP = "log the finished jobs the MLflow store lacks, from the results folder (idempotent)"
 

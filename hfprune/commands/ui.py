@@ -9,8 +9,8 @@ import time
 import urllib.request
 
 from hfprune.commands import add_config_argument
-from hfprune.config import load_config
 from hfprune.errors import HFPruneError
+from hfprune.validation import load_config
 
 HELP = "start the MLflow UI on the config's store and print the link to this experiment's runs table"
 
