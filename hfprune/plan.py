@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from hfprune.adapters import adapter_class
-from hfprune.config import format_ratio  # noqa: F401  (report.py and tracking.py import it from here still)
+from hfprune.config import format_ratio  # noqa: F401  (the report and tracking.py import it from here still)
 from hfprune.errors import ConfigError, HFPruneError
 
 

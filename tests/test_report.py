@@ -31,6 +31,7 @@ from hfprune.evaluation.records import (
     write_records,
 )
 from hfprune.plan import format_ratio, make_plan
+from hfprune.report import paper_tables
 from hfprune.runtime import write_json
 from hfprune.scorer import score_model
 from hfprune.stats import holm, paired_difference
@@ -198,12 +199,12 @@ def test_rows_tell_the_activation_criteria_from_the_methods():
     the weight-level methods of its Table 1 read apart."""
     from hfprune.criteria import CRITERIA
 
-    label = {c: report._method({"criterion": c, "recovered": False}) for c in CRITERIA}
+    label = {c: paper_tables._method({"criterion": c, "recovered": False}) for c in CRITERIA}
     assert label["taylor_kd"] == "taylor_kd — SD criterion (Taylor, act.)"
     assert label["taylor_ce"].endswith("CE criterion (Taylor, act.)") and label["taylor_entropy"].endswith("IE (HFPrune)")
     assert label["sdmprune"].endswith("SDMPrune (method)") and label["llm_pruner"].endswith("LLM-Pruner (method)")
     assert all(label[c].split()[0] == c for c in CRITERIA) and len(set(label.values())) == len(label)
-    assert report._method({"criterion": "sdmprune", "recovered": True}) == "sdmprune — SDMPrune (method) +LoRA"
+    assert paper_tables._method({"criterion": "sdmprune", "recovered": True}) == "sdmprune — SDMPrune (method) +LoRA"
 
 
 def test_verdicts_come_first_and_equal_an_independent_paired_computation(experiment, tmp_path):

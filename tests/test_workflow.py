@@ -19,7 +19,7 @@ from conftest import experiment_runs, no_snakefile_traceback
 
 from hfprune import comparisons
 from hfprune.config import cell_seeds, per_ratio
-from hfprune.report import criterion_label
+from hfprune.report.paper_tables import criterion_label
 from hfprune.validation import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -40,7 +40,7 @@ def run(args) -> int:
     from hfprune import comparisons
     from hfprune.config import baseline_criterion, format_ratio, model_entry
     from hfprune.errors import ConfigError
-    from hfprune.report import verdict_tables
+    from hfprune.report.verdicts import verdict_tables
 
     cfg = load_job_config(args.config)
     model_entry(cfg, args.model)
@@ -62,7 +62,7 @@ def run(args) -> int:
         which = ("baseline" if args.b == baseline_criterion(cfg)
                  else "dense" if args.b == comparisons.DENSE else None)
         if which is not None:
-            from hfprune.report import load_records
+            from hfprune.report.loading import load_records
 
             names = [*cfg["criteria"], comparisons.DENSE]
             rows = pd.DataFrame([{"model": args.model, "criterion": c, "ratio": 0.0 if c == comparisons.DENSE

@@ -75,28 +75,31 @@ def run(args) -> int:
 
 def _power_plan(cfg: dict, names: list[str], tflops: float | None) -> int:
     """The report's power plans (hfprune.power) of every evaluated model x ratio of the config."""
-    from hfprune import grid, report, verdict_notes
+    from hfprune import grid, verdict_notes
+    from hfprune.config import baseline_criterion
     from hfprune.plan import format_ratio
+    from hfprune.report.loading import aggregate, experiment_dir, load_records, load_runs
+    from hfprune.report.verdicts import verdict_tables
 
     printed = False
     for variant, vcfg in grid.variants(cfg).items():
-        runs, _columns, _missing = report.load_runs(vcfg)
+        runs, _columns, _missing = load_runs(vcfg)
         if runs.empty:
             continue
-        cells = report.aggregate(runs)
+        cells = aggregate(runs)
         for model in names:
-            records = report.load_records(vcfg, model, cells)
+            records = load_records(vcfg, model, cells)
             costs, note = verdict_notes.power_costs(vcfg, model, tflops)
             for recovered in (False, True) if vcfg["recovery"]["enabled"] else (False,):
                 for ratio in map(format_ratio, vcfg["ratios"]):
-                    table = report.verdict_tables(vcfg, records, ratio, recovered)["baseline"]
+                    table = verdict_tables(vcfg, records, ratio, recovered)["baseline"]
                     if table.empty:
                         continue
                     print(f"## {f'variant {variant}: ' if variant else ''}{model}, ratio {ratio}"
-                          f"{' +LoRA' if recovered else ''}, vs {report.baseline_criterion(vcfg)}\n")
+                          f"{' +LoRA' if recovered else ''}, vs {baseline_criterion(vcfg)}\n")
                     print("\n".join(verdict_notes.power_plan_lines(table, costs, note)))
                     printed = True
     if not printed:
         raise HFPruneError(f"--power needs a grid that has run: no evaluated cells of this config under "
-                           f"{report.experiment_dir(cfg)}; run it first (or drop --power for the a-priori estimate)")
+                           f"{experiment_dir(cfg)}; run it first (or drop --power for the a-priori estimate)")
     return 0

@@ -24,7 +24,7 @@ def run(args) -> int:
     import time
 
     from hfprune import sync, timing
-    from hfprune.report import write_report
+    from hfprune.report.assembly import write_report
 
     cfg = load_config(args.config)
     notes, reachable = sync.report_notes(cfg, args.config) if args.tracking else ([], False)
