@@ -56,11 +56,11 @@ def _tasks(cfg: dict) -> list[Need]:
 
 def hub_needs(cfg: dict) -> list[Need]:
     """Every hub model, hub text and hub task of every grid variant of `cfg` (each once)."""
-    from hfprune.validation import text_fields
     from hfprune.data import hub_datasets_dir, hub_path, is_local, text_source
     from hfprune.grid import variants
     from hfprune.models import ModelSpec
     from hfprune.recovery import LAMINI
+    from hfprune.validation import text_fields
 
     needs: dict[tuple[str, str], Need] = {}
     for variant in variants(cfg).values():
