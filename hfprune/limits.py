@@ -102,7 +102,7 @@ def scoring_memory(arch, cfg: dict, criteria=None) -> dict[str, int]:
     """Estimated peak bytes of scoring `arch` with the config's criteria (or `criteria`), by part (see above)."""
     from hfprune.adapters import adapter_class
     from hfprune.criteria import ParameterGradientCriterion
-    from hfprune.scorer import LOGITS_CHUNK_BYTES
+    from hfprune.scorer_core import LOGITS_CHUNK_BYTES
 
     crits = _criteria(criteria or cfg["criteria"])
     b = DTYPE_BYTES[cfg["dtype"]]
