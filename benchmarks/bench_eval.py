@@ -158,11 +158,11 @@ def bench_backend(args, models) -> str:
 
     from lm_eval.models.huggingface import HFLM
 
-    from hfprune.data import bos_prefix
     from hfprune.evaluation.backend import SharedContextLM
     from hfprune.evaluation.runner import select_tasks
     from hfprune.models import ModelSpec, load_model
     from hfprune.tasks import resolve_suite
+    from hfprune.windows import bos_prefix
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     last = None

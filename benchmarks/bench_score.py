@@ -58,9 +58,10 @@ def run_variant(args) -> None:
     from _official import floor_pass, official_entropy_scores
     from safetensors.torch import save_file
 
-    from hfprune.data import load_texts, sample_windows
+    from hfprune.data import load_texts
     from hfprune.models import ModelSpec, load_model
     from hfprune.scorer import calibration_batches, score_model
+    from hfprune.windows import sample_windows
 
     torch.set_num_threads(args.threads)
     source, family = MODELS[args.model]

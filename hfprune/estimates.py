@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import copy
 
-from hfprune.data import WANDA, WANDA_DEFAULT
 from hfprune.limits import DTYPE_BYTES, RUNTIME_BYTES, layer_activation_bytes, scoring_memory
+from hfprune.windows import WANDA, WANDA_DEFAULT
 
 # The paper's Table 5 (LLaMA-2-7B: config.json facts of meta-llama/Llama-2-7b-hf), the calibration of every time.
 TABLE5 = {
@@ -70,7 +70,7 @@ TASKS = {
 # Tokens of a whole perplexity source (evaluation.perplexity.max_tokens null), approx., LLaMA tokenizer:
 # WikiText-2 raw test about 341k (Wanda/SparseGPT's 166 windows of 2048); c4 as hfprune.data evaluates it (the first
 # en validation shard, 364,608 / 8 = 45,576 documents) x about 470 tokens per document; the wanda protocol keeps
-# at most its window cap of it (hfprune.data.WANDA). Sources not listed need max_tokens.
+# at most its window cap of it (hfprune.windows.WANDA). Sources not listed need max_tokens.
 TEXT_TOKENS = {"wikitext2": 341_000, "c4": 45_576 * 470}
 # LaMini-instruction: 2.58M instruction/response pairs (its dataset card and the LaMini-LM paper, arXiv
 # 2304.14402; the hub viewer shows 2.59M rows). Tokens per example as trained, approx. (ours): the Alpaca

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from hfprune.data import contiguous_chunks, hub_path, load_dataset, load_texts, texts_hash
+from hfprune.data import hub_path, load_dataset, load_texts, texts_hash
 from hfprune.errors import ConfigError
 from hfprune.models import additive_mask
+from hfprune.windows import contiguous_chunks
 
 IGNORE = -100  # label of a position that takes no loss (prompt, padding)
 LAMINI = "MBZUAI/LaMini-instruction"

@@ -283,7 +283,7 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
     from safetensors.torch import save_file
 
     from hfprune.config import criterion_options, model_entry, per_ratio
-    from hfprune.data import hub_datasets_dir, load_texts, sample_windows, text_source, texts_hash
+    from hfprune.data import hub_datasets_dir, load_texts, text_source, texts_hash
     from hfprune.models import ModelSpec, load_model
     from hfprune.resources import placement
     from hfprune.runtime import (
@@ -295,6 +295,7 @@ def run_scoring(cfg: dict, model_name: str, criterion: str, out_path: str | Path
         write_json,
     )
     from hfprune.timing import job_timing
+    from hfprune.windows import sample_windows
 
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":

@@ -18,7 +18,7 @@ from pathlib import Path
 from hfprune.adapters import ADAPTERS
 from hfprune.config import read_config, read_config_file
 from hfprune.config import schema as config_schema
-from hfprune.data import check_source, eval_chunks, hub_datasets_dir, load_texts, sample_windows, text_source
+from hfprune.data import check_source, hub_datasets_dir, load_texts, text_source
 from hfprune.equivalence import check_margins
 from hfprune.errors import ConfigError, HFPruneError
 from hfprune.grid import is_point, point_values, variants
@@ -26,6 +26,7 @@ from hfprune.limits import check_model_limits
 from hfprune.models import ModelSpec, architecture, checkpoint_family, model_dir
 from hfprune.plan import check_feasible
 from hfprune.tasks import data_files, resolve_suite
+from hfprune.windows import eval_chunks, sample_windows
 
 
 @lru_cache(maxsize=1)

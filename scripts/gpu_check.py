@@ -77,8 +77,9 @@ def cuda_environment(rep: Report) -> None:
 
 
 def _calibration(tok, args) -> list[dict]:
-    from hfprune.data import load_texts, sample_windows, text_source
+    from hfprune.data import load_texts, text_source
     from hfprune.scorer import calibration_batches
+    from hfprune.windows import sample_windows
 
     tokens = sample_windows(tok, load_texts(text_source("wiki")), args.batches, args.seq_len, 0)
     return calibration_batches(tokens, max(1, args.batches // 2))

@@ -13,17 +13,16 @@ from transformers import AutoTokenizer
 from hfprune.data import (
     HUB_DIR_ENV,
     content_digest,
-    eval_chunks,
     hub_datasets_dir,
     load_rows,
     load_texts,
-    sample_windows,
     text_source,
     texts_hash,
 )
 from hfprune.errors import ConfigError, HFPruneError
 from hfprune.evaluation.perplexity import source_perplexity
 from hfprune.evaluation.records import read_records, records_path
+from hfprune.windows import eval_chunks, sample_windows
 
 
 @pytest.fixture(scope="module")

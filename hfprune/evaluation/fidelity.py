@@ -20,9 +20,10 @@ import math
 
 import torch
 
-from hfprune.data import load_texts, sample_windows, text_source, texts_hash
+from hfprune.data import load_texts, text_source, texts_hash
 from hfprune.errors import HFPruneError
 from hfprune.placement import input_device
+from hfprune.windows import sample_windows
 
 
 def position_metrics(ref_logits: torch.Tensor, logits: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:

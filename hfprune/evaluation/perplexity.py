@@ -10,8 +10,9 @@ import math
 
 import torch
 
-from hfprune.data import eval_chunks, text_source, texts_hash
+from hfprune.data import text_source, texts_hash
 from hfprune.placement import input_device
+from hfprune.windows import eval_chunks
 
 
 @torch.no_grad()
@@ -38,7 +39,7 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int = 8) -> dict:
 def source_perplexity(model, tokenizer, source, seq_len: int, max_tokens: int | None, batch_size: int = 8,
                       protocol: str = "stream") -> dict:
     """Perplexity on a text source (a name, mapping or hfprune.data.TextSource) under a windowing protocol
-    (hfprune.data.eval_chunks: ``stream``, ours; ``wanda``, the published tables'); "window_doc" is the document
+    (hfprune.windows.eval_chunks: ``stream``, ours; ``wanda``, the published tables'); "window_doc" is the document
     each window starts in. The protocol and the hash of the texts read are recorded with the numbers."""
     source = text_source(source)
     chunks, docs, texts = eval_chunks(tokenizer, source, seq_len, max_tokens, protocol)

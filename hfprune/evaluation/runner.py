@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hfprune.data import bos_prefix
 from hfprune.errors import ConfigError
 from hfprune.tasks import task_manager_for
+from hfprune.windows import bos_prefix
 
 
 def subsample(n_docs: int, limit: int | None, seed: int, task: str) -> list[int] | None:
