@@ -1,7 +1,7 @@
 """The grid's finished jobs (its results folder) against the runs in its MLflow store.
 
 A job is complete in the store when a FINISHED run carries its output key and its output's content hash
-(tracking.OUTPUT_TAG / DIGEST_TAG, set by the job itself). `gaps` names every finished job without such a run
+(tracking_store.OUTPUT_TAG / DIGEST_TAG, set by the job itself). `gaps` names every finished job without such a run
 (the report's header, Snakemake's `onsuccess`/`onerror`, `hfprune validate C --tracking`); `sync` logs those
 jobs from their files through the jobs' own logging code (params, metrics, per-unit records, plan, score and
 recovery artifacts, start and end times from the outputs), completing the run a job left RUNNING when its store
@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hfprune import grid, layout, tracking
+from hfprune import grid, layout, tracking, tracking_store
 from hfprune.config import cell_seeds, score_ratios, with_seed
 from hfprune.errors import HFPruneError
 from hfprune.plan import format_ratio
@@ -77,22 +77,22 @@ def finished(job: Job) -> bool:
     return out.is_file()
 
 
-def _store(cfg: dict) -> tuple[tracking.Store, str | None]:
+def _store(cfg: dict) -> tuple[tracking_store.Store, str | None]:
     """The config's store (HFPruneError naming the URI if a server is unreachable) and the experiment id."""
     if not cfg["tracking"]["enabled"]:
         raise HFPruneError("tracking.enabled is false in this config: there is no MLflow store to check")
-    store = tracking.Store(tracking.tracking_uri(cfg))
+    store = tracking_store.Store(tracking_store.tracking_uri(cfg))
     exp = store.call("get_experiment_by_name", cfg["experiment"])
     return store, None if exp is None else exp.experiment_id
 
 
-def _job_runs(store: tracking.Store, exp_id: str | None) -> dict[str, list]:
+def _job_runs(store: tracking_store.Store, exp_id: str | None) -> dict[str, list]:
     """Job runs of the experiment by output key, newest first."""
     if exp_id is None:
         return {}
     runs, token = [], None
     while True:
-        page = store.call("search_runs", [exp_id], filter_string=f"tags.`{tracking.ROLE_TAG}` = 'job'",
+        page = store.call("search_runs", [exp_id], filter_string=f"tags.`{tracking_store.ROLE_TAG}` = 'job'",
                           max_results=10_000, order_by=["attributes.start_time DESC"], page_token=token)
         runs += page
         token = page.token
@@ -100,22 +100,22 @@ def _job_runs(store: tracking.Store, exp_id: str | None) -> dict[str, list]:
             break
     out: dict[str, list] = {}
     for run in runs:
-        if tracking.OUTPUT_TAG in run.data.tags:
-            out.setdefault(run.data.tags[tracking.OUTPUT_TAG], []).append(run)
+        if tracking_store.OUTPUT_TAG in run.data.tags:
+            out.setdefault(run.data.tags[tracking_store.OUTPUT_TAG], []).append(run)
     return out
 
 
 def _state(job: Job, runs: list) -> str | None:
     """None if a FINISHED run holds the job's current output, else what the store has instead."""
-    digest = tracking.output_digest(job.output)
-    if any(r.info.status == "FINISHED" and r.data.tags.get(tracking.DIGEST_TAG) == digest for r in runs):
+    digest = tracking_store.output_digest(job.output)
+    if any(r.info.status == "FINISHED" and r.data.tags.get(tracking_store.DIGEST_TAG) == digest for r in runs):
         return None
     if not runs:
         return "missing"
     latest = runs[0]
     if latest.info.status == "FINISHED":
         return "FINISHED for an older output"
-    return latest.info.status + ("" if tracking.DIGEST_TAG in latest.data.tags else ", incomplete")
+    return latest.info.status + ("" if tracking_store.DIGEST_TAG in latest.data.tags else ", incomplete")
 
 
 def gaps(cfg: dict) -> tuple[int, dict[str, str]]:
@@ -125,7 +125,7 @@ def gaps(cfg: dict) -> tuple[int, dict[str, str]]:
     done = [j for j in grid_jobs(cfg) if finished(j)]
     out = {}
     for job in done:
-        key = tracking.output_key(job.cfg, job.output)
+        key = tracking_store.output_key(job.cfg, job.output)
         state = _state(job, runs.get(key, []))
         if state is not None:
             out[key] = state
@@ -135,7 +135,7 @@ def gaps(cfg: dict) -> tuple[int, dict[str, str]]:
 def summary(cfg: dict, source: str = "C") -> tuple[bool, str]:
     """(complete, one line) for the report, Snakemake's output and `validate --tracking`."""
     n, missing = gaps(cfg)
-    uri = tracking.tracking_uri(cfg)
+    uri = tracking_store.tracking_uri(cfg)
     if not missing:
         return True, f"MLflow store {uri}: complete ({n} finished job(s), each with a FINISHED run)"
     listed = "; ".join(f"{key} ({state})" for key, state in missing.items())
@@ -185,13 +185,13 @@ def sync(cfg: dict) -> list[str]:
     runs = _job_runs(store, exp_id)
     logged = []
     for job in (j for j in grid_jobs(cfg) if finished(j)):
-        key = tracking.output_key(job.cfg, job.output)
+        key = tracking_store.output_key(job.cfg, job.output)
         have = runs.get(key, [])
         if _state(job, have) is None:
             continue
         # the run its job left RUNNING when the store failed mid-job (no digest yet) is completed, not doubled
         resume = next((r.info.run_id for r in have if r.info.status == "RUNNING"
-                       and tracking.DIGEST_TAG not in r.data.tags), None)
+                       and tracking_store.DIGEST_TAG not in r.data.tags), None)
         _log(job, {**_times(job), "resume": resume})
         logged.append(key)
     return logged
@@ -205,8 +205,8 @@ def log_report(cfg: dict, report_dir: str | os.PathLike) -> None:
     root = Path(report_dir)
     for entry in cfg["models"]:
         found = store.call("search_runs", [exp_id], max_results=1,
-                           filter_string=f"tags.`{tracking.ROLE_TAG}` = 'parent' and "
-                                         f"tags.`{tracking.MODEL_TAG}` = '{entry['name']}'")
+                           filter_string=f"tags.`{tracking_store.ROLE_TAG}` = 'parent' and "
+                                         f"tags.`{tracking_store.MODEL_TAG}` = '{entry['name']}'")
         if not found:
             continue
         run_id = found[0].info.run_id

@@ -82,7 +82,7 @@ def check_grid_runs(uri: str, cfg: dict) -> dict:
     metrics and its files, score runs the sidecar. Returns {output key: run}."""
     from mlflow import MlflowClient
 
-    from hfprune import sync, tracking
+    from hfprune import sync, tracking_store
     from hfprune.evaluation import flatten_metrics
     from hfprune.runtime import read_json
 
@@ -90,15 +90,15 @@ def check_grid_runs(uri: str, cfg: dict) -> dict:
     exp = client.get_experiment_by_name(cfg["experiment"])
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     jobs = [r for r in runs if r.data.tags.get("hfprune.role") == "job"]
-    by_key = Counter(r.data.tags.get(tracking.OUTPUT_TAG) for r in jobs)
+    by_key = Counter(r.data.tags.get(tracking_store.OUTPUT_TAG) for r in jobs)
     assert all(n == 1 for n in by_key.values()), by_key  # nothing duplicated
     out = {}
     done = [j for j in sync.grid_jobs(cfg) if sync.finished(j)]
     for job in done:
-        key = tracking.output_key(job.cfg, job.output)
-        (run,) = [r for r in jobs if r.data.tags.get(tracking.OUTPUT_TAG) == key]
+        key = tracking_store.output_key(job.cfg, job.output)
+        (run,) = [r for r in jobs if r.data.tags.get(tracking_store.OUTPUT_TAG) == key]
         assert run.info.status == "FINISHED", (key, run.info.status)
-        assert run.data.tags[tracking.DIGEST_TAG] == tracking.output_digest(job.output), key
+        assert run.data.tags[tracking_store.DIGEST_TAG] == tracking_store.output_digest(job.output), key
         assert run.info.end_time >= run.info.start_time, key
         arts = {a.path for d in ("metrics", "scores", "plan", "plots") for a in client.list_artifacts(run.info.run_id, d)}
         if job.stage == "evaluate":

@@ -22,7 +22,7 @@ import yaml
 from conftest import experiment_runs
 from safetensors.torch import save_file
 
-from hfprune import tracking
+from hfprune import tracking, tracking_store
 from hfprune.validation import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_eight_concurrent_jobs_lose_no_run_param_or_metric(tmp_path):
     # stage_run degrades to an untracked job on store errors (a warning): none may have happened
     assert not any("tracking unavailable" in e for e in errors), errors
 
-    client = _client(tracking.tracking_uri(cfg))
+    client = _client(tracking_store.tracking_uri(cfg))
     exps = client.search_experiments(filter_string="name = 'conc'")
     assert len(exps) == 1
     runs = client.search_runs([exps[0].experiment_id], max_results=100)
@@ -103,7 +103,7 @@ def test_eight_concurrent_jobs_lose_no_run_param_or_metric(tmp_path):
         assert sorted((h.step, h.value) for h in history) == [(0, i), (1, i + 1), (2, i + 2)]
         local = client.download_artifacts(child.info.run_id, f"out/out{i}.txt", str(tmp_path))
         assert Path(local).read_text() == f"worker {i}"
-        assert child.data.tags[tracking.PID_TAG] == str(procs[i].pid)  # what close_stale_runs checks
+        assert child.data.tags[tracking_store.PID_TAG] == str(procs[i].pid)  # what close_stale_runs checks
 
 
 # ---- a scoring job killed with SIGKILL, then the grid resumed -------------------------------------------
@@ -160,7 +160,7 @@ def test_scoring_killed_midway_then_the_grid_resumes(tmp_path, smollm2_dir):
     assert not scores.exists() or sorted(p.name for p in scores.iterdir() if "taylor_entropy" in p.name) == []
     assert (exp / "metrics/smollm2-135m/dense.json").is_file() and not (exp / "report/report.md").exists()
     runs = {r.info.run_id: r for r in experiment_runs(tmp_path / "results/mlflow.db", "resume")}
-    dead = [r for r in runs.values() if r.data.tags.get(tracking.PID_TAG) == str(killed)]
+    dead = [r for r in runs.values() if r.data.tags.get(tracking_store.PID_TAG) == str(killed)]
     assert len(dead) == 1 and dead[0].info.status == "RUNNING"  # nobody could close it
 
     second = subprocess.run(_snakemake_cmd(tmp_path, config), env=_env(), capture_output=True, text=True,
@@ -185,13 +185,13 @@ def test_close_stale_runs_keeps_live_jobs(tmp_path):
                            "models": [{"name": "tiny", "family": "llama", "source": str(tmp_path)}],
                            "criteria": ["magnitude"], "ratios": [0.2],
                            "tracking": {"enabled": True, "uri": f"sqlite:///{tmp_path}/mlflow.db"}})
-    assert tracking.close_stale_runs(cfg) == []  # no store yet: nothing to do, nothing created
+    assert tracking_store.close_stale_runs(cfg) == []  # no store yet: nothing to do, nothing created
     assert not (tmp_path / "mlflow.db").exists()
     with (tracking.stage_run(cfg, model="tiny", stage="score", criterion="magnitude") as live,
           tracking.stage_run(cfg, model="tiny", stage="score", criterion="random") as reused):
-        reused.set_tags({tracking.PID_START_TAG: "0"})  # same pid, another process's start time
-        assert tracking.close_stale_runs(cfg) == [reused.run_id]
-        client = _client(tracking.tracking_uri(cfg))
+        reused.set_tags({tracking_store.PID_START_TAG: "0"})  # same pid, another process's start time
+        assert tracking_store.close_stale_runs(cfg) == [reused.run_id]
+        client = _client(tracking_store.tracking_uri(cfg))
         assert client.get_run(live.run_id).info.status == "RUNNING"
         assert client.get_run(reused.run_id).info.status == "KILLED"
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from hfprune import tracking
+from hfprune import tracking, tracking_store
 from hfprune.plan import make_plan
 from hfprune.scorer import score_model
 from hfprune.validation import validate_config
@@ -22,7 +22,7 @@ from hfprune.validation import validate_config
 def migrated_db(tmp_path_factory):
     """An empty store with MLflow's schema in place: the migration takes seconds, so tests copy it."""
     path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    tracking.Store(f"sqlite:///{path}")
+    tracking_store.Store(f"sqlite:///{path}")
     return path
 
 
@@ -45,7 +45,7 @@ def _cfg(tmp_path, enabled: bool = True) -> dict:
 def _client(cfg):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking.tracking_uri(cfg))
+    return MlflowClient(tracking_store.tracking_uri(cfg))
 
 
 def _runs(client, cfg):
@@ -139,9 +139,9 @@ def test_uri_resolution(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
     monkeypatch.chdir(tmp_path)
     cfg["tracking"]["uri"] = "sqlite:///results/mlflow.db"
-    assert tracking.tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve()}/results/mlflow.db"
+    assert tracking_store.tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve()}/results/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
-    assert tracking.tracking_uri(cfg) == "http://tracking.example:5000"
+    assert tracking_store.tracking_uri(cfg) == "http://tracking.example:5000"
 
 
 JOB = """
@@ -189,7 +189,7 @@ def test_experiment_opens_on_its_runs_table_and_runs_carry_the_filter_keys(store
     assert (t["hfprune.model"], t["hfprune.criterion"], t["hfprune.seed"], t["hfprune.variant"]) == (
         "tiny", "magnitude", "7", "default")
     # an experiment an older hfprune (or anyone) created without the tag gets it on the next job
-    exp_id = MlflowClient(tracking.tracking_uri(cfg)).create_experiment("old")
+    exp_id = MlflowClient(tracking_store.tracking_uri(cfg)).create_experiment("old")
     assert "mlflow.experimentKind" not in client.get_experiment(exp_id).tags
     with tracking.stage_run({**cfg, "experiment": "old"}, model="tiny", stage="evaluate", criterion="magnitude",
                             ratio=0.2) as run:

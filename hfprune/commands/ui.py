@@ -40,14 +40,14 @@ def _wait_until_up(proc: subprocess.Popen, base: str, timeout: float = 300) -> N
 
 
 def run(args) -> int:
-    from hfprune import tracking
+    from hfprune import tracking_store
 
     cfg = load_config(args.config)
-    uri = tracking.tracking_uri(cfg)
-    db = tracking.sqlite_path(uri)
+    uri = tracking_store.tracking_uri(cfg)
+    db = tracking_store.sqlite_path(uri)
     if db is not None and not db.is_file():
         raise HFPruneError(f"MLflow store {uri} does not exist yet: run the grid with tracking on first")
-    store = tracking.Store(uri)  # an unreachable server: one line naming it
+    store = tracking_store.Store(uri)  # an unreachable server: one line naming it
     exp = store.call("get_experiment_by_name", cfg["experiment"])
     if exp is None:
         raise HFPruneError(f"MLflow store {uri} has no experiment {cfg['experiment']!r} yet: run the grid first")

@@ -203,7 +203,7 @@ def _write(path, cfg):
 
 onstart:
     # runs left RUNNING by jobs killed in an earlier run (SIGKILL, OOM, power loss) are closed as KILLED
-    from hfprune.tracking import close_stale_runs
+    from hfprune.tracking_store import close_stale_runs
 
     try:
         close_stale_runs(config)
