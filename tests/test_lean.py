@@ -14,7 +14,7 @@ import datasets
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO_RESOURCES, tiny_model
+from conftest import REPO_RESOURCES
 
 from hfprune.evaluation.records import read_records, records_path, task_records
 from hfprune.evaluation.runner import evaluate_tasks, select_tasks
@@ -22,18 +22,7 @@ from hfprune.tasks import TASK_DIR, offline, resolve_suite
 from hfprune.validation import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 49152  # SmolLM2's tokenizer
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_dir):
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("lean") / "tiny-llama"
-    tiny_model("llama", vocab_size=VOCAB, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-               pad_token_id=2).save_pretrained(path)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(path)
-    return path
 
 
 def _frame(selection, raw) -> pd.DataFrame:
@@ -41,7 +30,7 @@ def _frame(selection, raw) -> pd.DataFrame:
     return rows.sort_values(["group", "measure", "unit"], ignore_index=True)
 
 
-def test_preselected_offline_tasks_evaluate_lm_evals_docs_with_identical_records(tiny_dir):
+def test_preselected_offline_tasks_evaluate_lm_evals_docs_with_identical_records(tiny_llama_dir):
     """Every offline task (each offline_*.yaml, so a new one is covered too) built from its drawn docs alone
     asks the model about the same docs as lm-eval's own `samples` route over the whole split, with the same
     doc ids, and yields identical results and per-unit records."""
@@ -49,7 +38,7 @@ def test_preselected_offline_tasks_evaluate_lm_evals_docs_with_identical_records
 
     names = sorted(p.stem for p in TASK_DIR.glob("offline_*.yaml"))
     specs = resolve_suite("offline7", names)
-    model, tok = AutoModelForCausalLM.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_llama_dir), AutoTokenizer.from_pretrained(tiny_llama_dir)
     lean = select_tasks(specs, 3, 1234)
     stock = select_tasks(specs, 3, 1234, preselect=False)
     assert lean.preselected == set(names) and not stock.preselected
@@ -82,14 +71,14 @@ def test_cached_split_equals_a_fresh_rebuild(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_evaluate_job_times_its_wall_and_uploads_once(tiny_dir, tmp_path):
+def test_evaluate_job_times_its_wall_and_uploads_once(tiny_llama_dir, tmp_path):
     """A real `hfprune evaluate` process: meta.timing accounts for its wall time since process start, the log
     has the timing line, and the MLflow run holds the metrics JSON and the records from one upload."""
     from mlflow import MlflowClient
 
     cfg = validate_config({
         "experiment": "lean", "results_dir": str(tmp_path / "results"), "resources_dir": REPO_RESOURCES,
-        "models": [{"name": "tiny", "family": "llama", "source": str(tiny_dir)}], "criteria": ["random"],
+        "models": [{"name": "tiny", "family": "llama", "source": str(tiny_llama_dir)}], "criteria": ["random"],
         "ratios": [0.2], "device": "cpu", "tracking": {"enabled": True, "uri": f"sqlite:///{tmp_path}/mlflow.db"},
         "evaluation": {"tasks": ["arc_easy", "hellaswag"], "limit": 2, "batch_size": 4,
                        "perplexity": {"sources": ["wiki"], "seq_len": 32, "max_tokens": 128},
