@@ -41,14 +41,17 @@ def test_in_memory_route_equals_lm_eval_folder_route(smollm2, smollm2_dir, tmp_p
     pruned_dir = save_pruned(pruned, tok, tmp_path / "pruned")
     per_model = []
     for in_memory, folder in ((model, smollm2_dir), (pruned, pruned_dir)):
-        mem_sel, ref_sel = select_tasks(specs, 4, 7), select_tasks(specs, 4, 7)  # fresh Task objects for each run
+        # ours: tasks built from their drawn docs; lm-eval's: the whole split, its own `samples` selection
+        mem_sel, ref_sel = select_tasks(specs, 4, 7), select_tasks(specs, 4, 7, preselect=False)
         tasks, meta, mem = evaluate_tasks(in_memory, tok, mem_sel, batch_size=4, log_samples=True)
         ref = _folder_route(folder, ref_sel, 4)
-        got, want = _per_doc_loglikelihoods(mem["samples"]), _per_doc_loglikelihoods(ref["samples"])
+        got = {task: {mem_sel.doc_id(task, d): lls for d, lls in docs.items()}  # the full split's doc ids
+               for task, docs in _per_doc_loglikelihoods(mem["samples"]).items()}
+        want = _per_doc_loglikelihoods(ref["samples"])
         assert got.keys() == want.keys() == {"offline_arc_easy", "offline_boolq"}
-        for task in got:
-            assert sorted(got[task]) == mem_sel.samples[task] == sorted(want[task])
-            for doc_id, lls in got[task].items():
+        for task, docs in got.items():
+            assert sorted(docs) == mem_sel.samples[task] == ref_sel.samples[task] == sorted(want[task])
+            for doc_id, lls in docs.items():
                 assert lls == pytest.approx(want[task][doc_id], abs=1e-4)
             assert tasks[task]["value"] == ref["results"][task][f"{tasks[task]['metric']},none"]
         assert meta["add_bos_token"] is False  # SmolLM2's tokenizer adds no BOS; lm-eval's folder route neither

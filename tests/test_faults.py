@@ -232,6 +232,7 @@ def _without_timings(metrics: dict) -> dict:
     out = json.loads(json.dumps(metrics))
     out.pop("efficiency", None)  # wall-clock speed
     out["meta"].pop("seconds", None)
+    out["meta"].pop("timing", None)  # where the job's wall time went
     return out
 
 

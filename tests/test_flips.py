@@ -50,7 +50,7 @@ def _answers(selection, samples) -> dict[tuple[str, str], int]:
             answer = int(np.argmax(lls / lengths if metric == "acc_norm" else lls))
             gold = (lm_task.doc_to_text if lm_task.multiple_input else lm_task.doc_to_target)(s["doc"])
             assert s[metric] == float(answer == gold)
-            out[(task, str(s["doc_id"]))] = answer
+            out[(task, str(selection.doc_id(task, s["doc_id"])))] = answer  # the full split's doc id
     return out
 
 
