@@ -119,7 +119,7 @@ def check_recovery_memory(cfg: dict, model_name: str, arch, plan: dict, processe
     from hfprune import estimates
     from hfprune.limits import GIB, RUNTIME_BYTES, memory_budget
 
-    budget = memory_budget(cfg)
+    budget = memory_budget(cfg, model_name, in_job=True)
     if budget is None:
         return
     limit, what, device = budget
