@@ -31,6 +31,8 @@ SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_
 # Fixed optimiser details, as the HF Trainer defaults (recorded in recovery.json with the settings).
 WEIGHT_DECAY = 0.0
 MAX_GRAD_NORM = 1.0
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct names (last path component) of the model's Linear modules, the possible LoRA targets."""
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})

@@ -148,7 +148,9 @@ def backend(rep: Report, args, device: str, dtype: str) -> None:
 
 def recovery(rep: Report, args, device: str) -> None:
     from hfprune.data import load_texts, text_source
-    from hfprune.recovery import collate, pack, token_losses, train_lora, training_precision
+    from hfprune.recovery import training_precision
+    from hfprune.recovery_data import collate, pack
+    from hfprune.recovery_train import token_losses, train_lora
     from hfprune.validation import validate_config
 
     model, tok = _model(args)
