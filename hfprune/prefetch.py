@@ -59,7 +59,7 @@ def hub_needs(cfg: dict) -> list[Need]:
     from hfprune.data import hub_datasets_dir, hub_path, is_local, text_source
     from hfprune.grid import variants
     from hfprune.models import ModelSpec
-    from hfprune.recovery import LAMINI
+    from hfprune.recovery_data import LAMINI
     from hfprune.validation import text_fields
 
     needs: dict[tuple[str, str], Need] = {}
