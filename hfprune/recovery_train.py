@@ -218,7 +218,8 @@ def train_lora(model: nn.Module, rows: list[Row], rcfg: dict, *, steps: int, see
         done = step + 1
         if main and (done % log_every == 0 or done == steps):
             elapsed = time.perf_counter() - clock
-            metrics = {"recovery_loss": total, "recovery_rows": done * rows_per_step(rcfg),
+            # the loss of the step as it goes (recovery_loss, the whole curve, is logged once at the end)
+            metrics = {"recovery_progress_loss": total, "recovery_rows": done * rows_per_step(rcfg),
                        "recovery_tokens_per_s": tokens_seen / elapsed, "recovery_lr": lrs[-1],
                        "recovery_eta_s": elapsed / (done - start) * (steps - done)}
             log.info("recovery step %d/%d: rows %d, loss %.4f, lr %.3g, %.0f tokens/s, ETA %.2f h", done, steps,
