@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,20 @@ VENV_BIN = Path(sys.executable).parent
 SLURM_ARGS = ["--executor", "slurm", "--slurm-status-command", "squeue",
               "--slurm-init-seconds-before-status-checks", "5", "--slurm-no-account"]
 SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+)")
+
+
+def recover_process(workdir: Path) -> int:
+    """The pid of the one `hfprune.cli recover` process running in `workdir` (the test's own job)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"recover" in cmdline and b"hfprune.cli" in cmdline and (proc / "cwd").resolve() == workdir.resolve():
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    assert len(found) == 1, found
+    return found[0]
 
 
 def snakemake_slurm(cluster: SlurmCluster, workdir: Path, *args: str, timeout: float) -> dict[str, str]:
@@ -172,8 +187,10 @@ def test_smoke_workflow_through_slurm_profile(slurm: SlurmCluster, mlflow_server
 def test_recover_job_over_its_time_limit_is_retried_and_resumes(slurm: SlurmCluster, tmp_path: Path):
     """A recover job that outlives its SLURM time limit: SLURM stops it (TIMEOUT; its SIGTERM reaches hfprune
     through the job step), Snakemake resubmits it, it resumes from its checkpoint and finishes in the same MLflow
-    run. The limit is cut to 1 minute once the job has checkpointed (scontrol, as root), so the kill comes after a
-    checkpoint however fast this machine trains; the retry keeps the rule's 10 minutes."""
+    run. Once the job has checkpointed, the test freezes the trainer (SIGSTOP) and cuts the limit to 1 minute
+    (scontrol, as root): SLURM's kill then lands mid-training however fast this machine trains (a CI machine once
+    finished all steps inside the minute). The trainer is thawed (SIGCONT) when SLURM has ended the job, so the
+    pending SIGTERM is handled as it would be in a running job; the retry keeps the rule's 10 minutes."""
     from mlflow import MlflowClient
     from test_recovery import KEEPS, make_cfg, random_plan
     from test_recovery_resume import tiny_local_model
@@ -207,7 +224,16 @@ def test_recover_job_over_its_time_limit_is_retried_and_resumes(slurm: SlurmClus
         time.sleep(0.5)
     first = cluster.run("squeue", "-h", "-o", "%i").stdout.split()
     assert len(first) == 1, first
-    cluster.run("scontrol", "update", f"JobId={first[0]}", "TimeLimit=1")
+    trainer = recover_process(tmp_path)
+    os.kill(trainer, signal.SIGSTOP)
+    try:
+        cluster.run("scontrol", "update", f"JobId={first[0]}", "TimeLimit=1")
+        deadline = time.monotonic() + 300
+        while cluster.job_info(first[0])["JobState"] == "RUNNING":
+            assert time.monotonic() < deadline, cluster.job_info(first[0])
+            time.sleep(0.5)
+    finally:
+        os.kill(trainer, signal.SIGCONT)
     out, _ = proc.communicate(timeout=900)
     log = attempts.read_text()
     assert proc.returncode == 0, f"{out[-4000:]}\n{log[-3000:]}\n{cluster.logs()}"
