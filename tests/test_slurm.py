@@ -6,6 +6,7 @@ installs them; not root).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -48,6 +49,16 @@ def recover_process(workdir: Path) -> int:
             continue
     assert len(found) == 1, found
     return found[0]
+
+
+def sigterm_pending(pid: int) -> bool:
+    """Whether SIGTERM is pending in process `pid` (its own or its thread group's pending set, /proc status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        pytest.fail(f"process {pid} ended without a pending SIGTERM (killed outright?)")
+    masks = re.findall(r"^(?:SigPnd|ShdPnd):\s*([0-9a-f]+)$", status, re.MULTILINE)
+    return any(int(m, 16) & (1 << (signal.SIGTERM - 1)) for m in masks)
 
 
 def snakemake_slurm(cluster: SlurmCluster, workdir: Path, *args: str, timeout: float) -> dict[str, str]:
@@ -189,8 +200,9 @@ def test_recover_job_over_its_time_limit_is_retried_and_resumes(slurm: SlurmClus
     through the job step), Snakemake resubmits it, it resumes from its checkpoint and finishes in the same MLflow
     run. Once the job has checkpointed, the test freezes the trainer (SIGSTOP) and cuts the limit to 1 minute
     (scontrol, as root): SLURM's kill then lands mid-training however fast this machine trains (a CI machine once
-    finished all steps inside the minute). The trainer is thawed (SIGCONT) when SLURM has ended the job, so the
-    pending SIGTERM is handled as it would be in a running job; the retry keeps the rule's 10 minutes."""
+    finished all steps inside the minute). The trainer is thawed (SIGCONT) once SLURM's SIGTERM is pending in it
+    (SLURM does not thaw it before its SIGKILL), so the signal is handled as in a running job; the retry keeps the
+    rule's 10 minutes."""
     from mlflow import MlflowClient
     from test_recovery import KEEPS, make_cfg, random_plan
     from test_recovery_resume import tiny_local_model
@@ -221,19 +233,20 @@ def test_recover_job_over_its_time_limit_is_retried_and_resumes(slurm: SlurmClus
     deadline = time.monotonic() + 600
     while not (attempts.exists() and "checkpoint at step 2/" in attempts.read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, attempts.read_text()[-3000:]
-        time.sleep(0.5)
-    first = cluster.run("squeue", "-h", "-o", "%i").stdout.split()
-    assert len(first) == 1, first
+        time.sleep(0.1)
     trainer = recover_process(tmp_path)
     os.kill(trainer, signal.SIGSTOP)
+    first = cluster.run("squeue", "-h", "-o", "%i").stdout.split()
     try:
+        assert len(first) == 1, first
         cluster.run("scontrol", "update", f"JobId={first[0]}", "TimeLimit=1")
         deadline = time.monotonic() + 300
-        while cluster.job_info(first[0])["JobState"] == "RUNNING":
+        while not sigterm_pending(trainer):  # SLURM's SIGTERM waits in the stopped process until SIGCONT
             assert time.monotonic() < deadline, cluster.job_info(first[0])
-            time.sleep(0.5)
+            time.sleep(0.1)
     finally:
-        os.kill(trainer, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(trainer, signal.SIGCONT)
     out, _ = proc.communicate(timeout=900)
     log = attempts.read_text()
     assert proc.returncode == 0, f"{out[-4000:]}\n{log[-3000:]}\n{cluster.logs()}"
