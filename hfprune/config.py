@@ -121,6 +121,11 @@ def gpus_per_job(cfg: dict, model: str, stage: str) -> int:
     return gpus.get(stage, 1) if isinstance(gpus, dict) else gpus
 
 
+def threads_per_job(cfg: dict, model: str, default: int) -> int:
+    """CPU threads one score or evaluate job on `model` takes: resources.threads_per_job, else `default`."""
+    return model_resources(cfg, model).get("threads_per_job") or default
+
+
 # one device map per job: what the job splits over its GPUs; recover trains data-parallel (one copy per GPU)
 SPLIT_STAGES = ("score", "evaluate")
 

@@ -12,7 +12,7 @@ from snakemake.settings.types import DeploymentMethod
 
 from hfprune import grid, layout
 from hfprune.assets import ASSET_MARKER, EMBEDDED_MODELS
-from hfprune.config import GPU_STAGES, cell_seeds, format_ratio, gpus_per_job, per_ratio, score_ratios
+from hfprune.config import GPU_STAGES, cell_seeds, format_ratio, gpus_per_job, per_ratio, score_ratios, threads_per_job
 from hfprune.data import content_digest
 from hfprune.errors import ConfigError
 from hfprune.evaluation.records import records_path
@@ -55,6 +55,11 @@ GPU_JOB = "HFPRUNE_JOB_GPUS={resources.gpu} {params.hfprune} --threads {threads}
 def gpus(stage):
     """A rule's `gpu` resource: resources.gpus_per_job of its model and stage (0 on CPU)."""
     return lambda wildcards: gpus_per_job(config, wildcards.model, stage)
+
+
+def job_threads(default=4):
+    """A score or evaluate rule's threads: resources.threads_per_job of its model, else `default` (capped at --cores)."""
+    return lambda wildcards: threads_per_job(config, wildcards.model, default)
 
 
 def check_gpu_budget():

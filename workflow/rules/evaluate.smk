@@ -19,7 +19,7 @@ rule evaluate_dense:
         hfprune=HFPRUNE_GPU,
         config=job_config,
         settings=EVAL_SETTINGS,
-    threads: 4
+    threads: job_threads()
     resources:
         gpu=gpus("evaluate"),
         mem_mb=16000,
@@ -45,7 +45,7 @@ rule evaluate_pruned:
         hfprune=HFPRUNE_GPU,
         config=job_config,
         settings=EVAL_SETTINGS,
-    threads: 4
+    threads: job_threads()
     resources:
         gpu=gpus("evaluate"),
         mem_mb=16000,
@@ -72,7 +72,7 @@ rule evaluate_recovered:
         hfprune=HFPRUNE_GPU,
         config=job_config,
         settings=EVAL_SETTINGS,
-    threads: 4
+    threads: job_threads()
     resources:
         gpu=gpus("evaluate"),
         mem_mb=16000,

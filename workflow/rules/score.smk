@@ -21,7 +21,7 @@ rule score:
         hfprune=HFPRUNE_GPU,
         config=job_config,
         settings=settings(*grid.READS["score"]),
-    threads: 4
+    threads: job_threads()
     resources:
         gpu=gpus("score"),
         mem_mb=16000,
@@ -48,7 +48,7 @@ rule score_by_ratio:
         hfprune=HFPRUNE_GPU,
         config=job_config,
         settings=settings(*grid.READS["score"]),
-    threads: 4
+    threads: job_threads()
     resources:
         gpu=gpus("score"),
         mem_mb=16000,
