@@ -108,6 +108,23 @@ def test_default_grid_dag(tmp_path):
     assert all(len(cell_seeds(full, m["name"], "magnitude")) == 1 for m in full["models"])
 
 
+def test_threads_per_job_sets_the_score_and_evaluate_threads(tmp_path):
+    """resources.threads_per_job (top level, then a model's own) is what each score / evaluate job is given and
+    passes to torch; unset, the rules' 4 capped at --cores."""
+    cfg = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
+    cfg["models"].append({**cfg["models"][0], "name": "second", "resources": {"threads_per_job": 3}})
+    first = cfg["models"][0]["name"]
+    for top, want in ((1, {first: "1", "second": "3"}), (None, {first: "4", "second": "3"})):
+        path = tmp_path / f"threads-{top}.yaml"
+        path.write_text(yaml.safe_dump({**cfg, "resources": {"threads_per_job": top}}))
+        dry = _snakemake(tmp_path, "-n", "-p", "--cores", "4", "--configfile", str(path), check=False)
+        out = dry.stdout + dry.stderr
+        assert dry.returncode == 0, out[-3000:]
+        jobs = re.findall(r"--threads (\d+) (score|evaluate) --config \S+ --model (\S+)", out)
+        assert {stage for _, stage, _ in jobs} == {"score", "evaluate"}, out[-3000:]
+        assert {model: n for n, _, model in jobs} == want and len({(n, m) for n, _, m in jobs}) == 2, jobs
+
+
 @pytest.mark.parametrize("recovery", [True, False])
 def test_paper_grid_dag(tmp_path, recovery):
     cfg = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
