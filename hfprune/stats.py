@@ -14,6 +14,7 @@ covers the variation over calibration draws, not only over docs.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -52,10 +53,15 @@ def minimum_detectable(se: float, clusters: int, alpha: float = ALPHA, power: fl
     the standardised effect statsmodels solves for, times the per-cluster standard deviation se * sqrt(G)."""
     if clusters < 2 or not math.isfinite(se):
         return math.nan
+    return _standardised_effect(int(clusters), alpha, power) * se * math.sqrt(clusters)
+
+
+@functools.cache
+def _standardised_effect(clusters: int, alpha: float, power: float) -> float:
+    """statsmodels' root-finding, once per cluster count: a report asks it for ~1,500 comparisons on a few counts."""
     from statsmodels.stats.power import TTestPower
 
-    effect = TTestPower().solve_power(nobs=clusters, alpha=alpha, power=power, alternative="two-sided")
-    return float(effect) * se * math.sqrt(clusters)
+    return float(TTestPower().solve_power(nobs=clusters, alpha=alpha, power=power, alternative="two-sided"))
 
 
 def paired_difference(diffs, clusters=None, strata=None, alpha: float = ALPHA, seeds=None) -> Paired:
