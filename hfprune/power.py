@@ -134,11 +134,14 @@ def plan_markdown(plan_rows: pd.DataFrame, rate_note: str) -> str:
 
 # ---- cost: hfprune.estimates' FLOPs of the model's evaluate jobs at a GPU or measured CPU rate
 
-def benchmark_seconds(cfg: dict) -> tuple[float, int]:
-    """(seconds, files) of the evaluate jobs' Snakemake benchmark files of this experiment."""
+def benchmark_seconds(cfg: dict, models=None) -> tuple[float, int]:
+    """(seconds, files) of the evaluate jobs' Snakemake benchmark files of this experiment (of `models` only,
+    when given: a folder of each job's path names its model)."""
     root = Path(cfg["results_dir"]) / cfg["experiment"] / "benchmarks" / "evaluate"
     total, files = 0.0, 0
     for path in sorted(root.rglob("*.tsv")) if root.is_dir() else []:
+        if models is not None and not set(path.relative_to(root).parts[:-1]) & set(models):
+            continue
         frame = pd.read_csv(path, sep="\t")
         if "s" in frame.columns and len(frame):
             total, files = total + float(frame["s"].iloc[-1]), files + 1
@@ -149,7 +152,7 @@ def measured_tflops(cfg: dict, grid_rows: pd.DataFrame) -> tuple[float, str] | N
     """The effective TFLOP/s this machine reached on the grid's evaluate jobs (their estimated FLOPs over their
     benchmarked seconds), with a note; None unless every evaluate job has a benchmark file."""
     evaluate = grid_rows[grid_rows["stage"] == "evaluate"]
-    seconds, files = benchmark_seconds(cfg)
+    seconds, files = benchmark_seconds(cfg, set(evaluate["model"]))
     if files == 0 or files != int(evaluate["jobs"].sum()) or seconds <= 0:
         return None
     rate = float((evaluate["jobs"] * evaluate["flops"]).sum()) / seconds / 1e12

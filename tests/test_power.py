@@ -72,8 +72,12 @@ def test_cpu_rate_is_measured_on_the_grids_benchmark_files(tmp_path):
     for name, seconds in (("dense.tsv", 10.0), ("random/s0/r0.2.tsv", 30.0)):
         (bench / name).parent.mkdir(parents=True, exist_ok=True)
         (bench / name).write_text(f"s\th:m:s\tmax_rss\n{seconds}\t0:00:{int(seconds)}\t100\n")
+    # another model's jobs (the report prices one model at a time) are not this model's
+    other = tmp_path / "e/benchmarks/evaluate/other/dense.tsv"
+    other.parent.mkdir(parents=True)
+    other.write_text("s\th:m:s\tmax_rss\n500.0\t0:08:20\t100\n")
     rows = pd.DataFrame({"stage": ["evaluate", "evaluate", "score"], "jobs": [1, 1, 1],
-                         "flops": [2e12, 6e12, 9e12]})
+                         "flops": [2e12, 6e12, 9e12], "model": ["tiny"] * 3})
     rate, note = power.measured_tflops(cfg, rows)
     assert rate == pytest.approx(8e12 / 40.0 / 1e12) and "2 evaluate benchmark files" in note
     assert power.measured_tflops(cfg, rows.assign(jobs=[1, 2, 1])) is None  # a job without its file
