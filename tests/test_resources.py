@@ -49,11 +49,11 @@ def test_gpus_per_job_by_stage_model_override_and_cpu():
                        {"name": "b", "source": "smollm2-135m", "resources": {"gpus_per_job": 4, "allow_offload": True}}])
     assert [gpus_per_job(cfg, "a", s) for s in ("score", "recover", "evaluate")] == [2, 1, 3]
     assert [gpus_per_job(cfg, "b", s) for s in ("score", "recover", "evaluate")] == [4, 4, 4]
-    assert model_resources(cfg, "b") == {"gpus_per_job": 4, "gpu_memory_gb": 80, "max_memory": None,
-                                         "allow_offload": True}
+    assert model_resources(cfg, "b") == {"gpus_per_job": 4, "threads_per_job": None, "gpu_memory_gb": 80,
+                                         "max_memory": None, "allow_offload": True}
     assert gpus_per_job({**cfg, "device": "cpu"}, "b", "score") == 0
     assert validate_config({k: v for k, v in _cfg().items() if k != "resources"})["resources"] == {
-        "gpus_per_job": 1, "gpu_memory_gb": None, "max_memory": None, "allow_offload": False}
+        "gpus_per_job": 1, "threads_per_job": None, "gpu_memory_gb": None, "max_memory": None, "allow_offload": False}
 
 
 @pytest.mark.parametrize("change, field", [
