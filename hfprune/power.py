@@ -139,8 +139,9 @@ def benchmark_seconds(cfg: dict, models=None) -> tuple[float, int]:
     when given: a folder of each job's path names its model)."""
     root = Path(cfg["results_dir"]) / cfg["experiment"] / "benchmarks" / "evaluate"
     total, files = 0.0, 0
+    wanted = None if models is None else set(models)
     for path in sorted(root.rglob("*.tsv")) if root.is_dir() else []:
-        if models is not None and not set(path.relative_to(root).parts[:-1]) & set(models):
+        if wanted is not None and not wanted & set(path.relative_to(root).parts[:-1]):
             continue
         frame = pd.read_csv(path, sep="\t")
         if "s" in frame.columns and len(frame):
